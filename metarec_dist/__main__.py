@@ -1,0 +1,3 @@
+from metarec_dist.cli import main
+
+raise SystemExit(main())

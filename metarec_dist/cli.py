@@ -1,0 +1,189 @@
+"""Command line: parse, load config, call one function per subcommand.
+
+Errors the user can fix (``MetarecError``) print as one ``error:`` line on
+stderr and exit with status 2; results go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from metarec_dist.errors import MetarecError
+
+DEFAULT_STORE = Path("store")
+EXIT_USER_ERROR = 2
+
+log = logging.getLogger("metarec_dist")
+
+
+def _add_store(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store", type=Path, default=DEFAULT_STORE, help=f"domain store directory (default: ./{DEFAULT_STORE})"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from metarec_dist.data.readers import FORMATS
+
+    parser = argparse.ArgumentParser(
+        prog="metarec-dist", description="Distributed trainer for transferable sequential recommendation."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="import, generate and inspect domains").add_subparsers(
+        dest="data_command", required=True, metavar="SUBCOMMAND"
+    )
+
+    imp = data.add_parser("import", help="import an interaction file as a domain")
+    imp.add_argument("path", type=Path, help="interaction file (.txt sequences, .inter, .csv/.tsv, .parquet)")
+    _add_store(imp)
+    imp.add_argument("--name", help="domain name (default: the file name without extensions)")
+    imp.add_argument("--format", choices=FORMATS, help="override the format implied by the extension")
+    imp.add_argument("--user-column", default="user_id", help="user column (CSV/Parquet/RecBole)")
+    imp.add_argument("--item-column", default="item_id", help="item column (CSV/Parquet/RecBole)")
+    imp.add_argument(
+        "--timestamp-column", default="timestamp", help="time column; '' keeps file order (CSV/Parquet/RecBole)"
+    )
+    imp.add_argument("--k-core", type=int, default=0, help="keep users and items with >= K events (0: off)")
+    imp.add_argument("--min-length", type=int, default=3, help="drop users with fewer events (>= 3)")
+    imp.add_argument("--max-length", type=int, default=None, help="keep only each user's most recent events")
+    imp.add_argument("--no-reindex", action="store_true", help="keep positive integer ids instead of 1..N")
+    imp.add_argument("--keep-duplicates", action="store_true", help="keep exact duplicate events")
+    imp.add_argument("--overwrite", action="store_true", help="replace a domain of the same name")
+    imp.add_argument("--json", action="store_true", help="print the import report as one JSON object")
+
+    describe = data.add_parser("describe", help="statistics of one domain")
+    describe.add_argument("name", help="domain name")
+    _add_store(describe)
+    describe.add_argument("--json", action="store_true", help="print one JSON object")
+
+    listing = data.add_parser("list", help="the domains in a store")
+    _add_store(listing)
+    listing.add_argument("--json", action="store_true", help="print one JSON object")
+
+    generate = data.add_parser("generate", help="generate the embedded synthetic domains")
+    _add_store(generate)
+    generate.add_argument("--config", type=Path, help="generator config YAML (default: built-in defaults)")
+    generate.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    generate.add_argument("--overwrite", action="store_true", help="replace domains made with other settings")
+    return parser
+
+
+def cmd_data_import(args: argparse.Namespace) -> None:
+    from metarec_dist.config import build_config
+    from metarec_dist.data.domain import ImportOptions
+    from metarec_dist.data.importer import default_domain_name, import_file
+    from metarec_dist.data.readers import ColumnNames
+    from metarec_dist.data.store import DomainStore
+
+    options = build_config(
+        ImportOptions,
+        {
+            "k_core": args.k_core,
+            "min_sequence_length": args.min_length,
+            "max_sequence_length": args.max_length,
+            "reindex": not args.no_reindex,
+            "drop_duplicates": not args.keep_duplicates,
+        },
+        where="command line",
+    )
+    columns = ColumnNames(args.user_column, args.item_column, args.timestamp_column or None)
+    name = args.name or default_domain_name(args.path)
+    report = import_file(args.path, DomainStore(args.store), name, args.format, columns, options, args.overwrite)
+    if args.json:
+        print(json.dumps({"name": name, "store": str(args.store), **report.as_dict()}))
+        return
+    print(f"imported {args.path} as domain '{name}' in {args.store}")
+    dropped = {key: value for key, value in report.as_dict().items() if key.endswith("dropped") or key == "truncated"}
+    print(
+        f"  {report.users:,} users, {report.items:,} items, {report.interactions:,} interactions "
+        f"(from {report.raw_interactions:,} raw; "
+        + ", ".join(f"{key.replace('_', ' ')}: {value:,}" for key, value in dropped.items())
+        + ")"
+    )
+
+
+def cmd_data_describe(args: argparse.Namespace) -> None:
+    from metarec_dist.data.store import DomainStore
+
+    stats = DomainStore(args.store).open(args.name).describe()
+    if args.json:
+        print(json.dumps(stats))
+        return
+    lengths = stats["sequence_length"]
+    source = stats["source"]
+    print(f"domain '{stats['name']}' ({source.get('format', '?')}: {source.get('path', source.get('kind', ''))})")
+    print(f"  users         {stats['users']:>12,}")
+    print(f"  items         {stats['items']:>12,}")
+    print(f"  interactions  {stats['interactions']:>12,}")
+    print(f"  density       {stats['density']:>12.6f}")
+    percentiles = "  ".join(f"{key}={value:g}" for key, value in lengths.items() if key.startswith("p"))
+    print(f"  length        min={lengths['min']}  mean={lengths['mean']:.2f}  max={lengths['max']}  {percentiles}")
+
+
+def cmd_data_list(args: argparse.Namespace) -> None:
+    from metarec_dist.data.store import DomainStore
+    from metarec_dist.report.tables import format_table
+
+    store = DomainStore(args.store)
+    rows = []
+    for name in store.names():
+        meta = store.open(name).meta
+        source = meta.get("source", {})
+        rows.append({"domain": name, "source": source.get("kind") or source.get("format", "?"), **meta["counts"]})
+    if args.json:
+        print(json.dumps({"store": str(args.store), "domains": rows}))
+    elif rows:
+        print(format_table(rows, ["domain", "source", "users", "items", "interactions"]))
+    else:
+        print(f"no domains in {args.store}")
+
+
+def cmd_data_generate(args: argparse.Namespace) -> None:
+    from metarec_dist.config import load_config
+    from metarec_dist.data.store import DomainStore
+    from metarec_dist.data.synthetic import SyntheticConfig, generate_store
+    from metarec_dist.report.tables import format_table
+
+    config = load_config(SyntheticConfig, args.config, args.overrides)
+    results = generate_store(config, DomainStore(args.store), overwrite=args.overwrite)
+    store = DomainStore(args.store)
+    rows = [
+        {"domain": result.name, "kind": result.kind, "status": result.status, **store.open(result.name).meta["counts"]}
+        for result in results
+    ]
+    print(format_table(rows, ["domain", "kind", "status", "users", "items", "interactions"]))
+    written = sum(result.status != "unchanged" for result in results)
+    print(f"{len(results)} synthetic domains in {args.store} ({written} written, seed {config.seed})")
+
+
+COMMANDS = {
+    ("data", "import"): cmd_data_import,
+    ("data", "describe"): cmd_data_describe,
+    ("data", "list"): cmd_data_list,
+    ("data", "generate"): cmd_data_generate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    command = COMMANDS[(args.command, getattr(args, f"{args.command}_command"))]
+    try:
+        command(args)
+    except MetarecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,1 @@
+"""Data: importers -> Parquet domain store -> splits; the synthetic generator."""

@@ -1,0 +1,23 @@
+"""Typed errors for problems the user can fix.
+
+Every subclass carries a one-line message that names the file, field or domain
+at fault and says what to do. The CLI prints it as ``error: <message>`` and
+exits non-zero; anything that is not a ``MetarecError`` is a bug and keeps its
+traceback.
+"""
+
+
+class MetarecError(Exception):
+    """Base class: an error caused by input, configuration or environment."""
+
+
+class InputFileError(MetarecError):
+    """An input file is missing, unreadable, empty, binary or malformed."""
+
+
+class StoreError(MetarecError):
+    """The domain store cannot be read or written as asked."""
+
+
+class ConfigError(MetarecError):
+    """A configuration value is unknown, of the wrong type or impossible."""

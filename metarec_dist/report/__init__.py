@@ -1,0 +1,1 @@
+"""Reports: tables, results files and plots, built from what runs wrote."""
