@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from metarec_dist.data.domain import ImportOptions, ImportReport, build_domain
-from metarec_dist.data.readers import ColumnNames, detect_format, read_events
+from metarec_dist.data.readers import ColumnNames, read_events, resolve_format
 from metarec_dist.data.store import DomainStore, check_domain_name
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,9 @@ def import_file(
 ) -> ImportReport:
     """Import one interaction file as domain ``name`` (default: the file's stem)."""
     path = Path(path)
-    name = check_domain_name(name or default_domain_name(path))
+    name = check_domain_name(default_domain_name(path) if name is None else name)
     store.check_writable(name, overwrite)  # fail before the (possibly long) read
-    fmt = fmt or detect_format(path)
+    fmt = resolve_format(path, fmt)
     events = read_events(path, fmt, columns)
     tables, report = build_domain(events, options, source=str(path))
     meta = {

@@ -58,11 +58,25 @@ def detect_format(path: Path) -> str:
     return fmt
 
 
-def read_events(path: Path, fmt: str, columns: ColumnNames = ColumnNames()) -> pa.Table:
-    """Read ``path`` in format ``fmt`` into an events table (see module docstring)."""
+def resolve_format(path: Path, fmt: str | None) -> str:
+    """Check that ``path`` is a readable file, then return ``fmt`` or the detected format."""
+    if not path.exists():
+        raise InputFileError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise InputFileError(f"{path}: is a directory; give the interaction file inside it")
+    if not os.access(path, os.R_OK):
+        raise InputFileError(f"{path}: permission denied; make the file readable")
+    if fmt is None:
+        return detect_format(path)
     if fmt not in FORMATS:
         raise InputFileError(f"{path}: unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
-    _check_readable(path, expect_binary=fmt == "parquet")
+    return fmt
+
+
+def read_events(path: Path, fmt: str | None = None, columns: ColumnNames = ColumnNames()) -> pa.Table:
+    """Read ``path`` (format ``fmt``, default from the extension) into an events table."""
+    fmt = resolve_format(path, fmt)
+    _check_content(path, expect_binary=fmt == "parquet")
     if fmt == "sequence":
         return read_sequence_file(path)
     if fmt == "recbole":
@@ -72,14 +86,8 @@ def read_events(path: Path, fmt: str, columns: ColumnNames = ColumnNames()) -> p
     return read_parquet_file(path, columns)
 
 
-def _check_readable(path: Path, expect_binary: bool) -> None:
+def _check_content(path: Path, expect_binary: bool) -> None:
     """Fail early, with the file's name, on what would otherwise crash deep in pyarrow."""
-    if not path.exists():
-        raise InputFileError(f"{path}: no such file; check the path")
-    if path.is_dir():
-        raise InputFileError(f"{path}: is a directory; give the interaction file inside it")
-    if not os.access(path, os.R_OK):
-        raise InputFileError(f"{path}: permission denied; make the file readable")
     try:
         with open(path, "rb") as handle:
             head = handle.read(8192)

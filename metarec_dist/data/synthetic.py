@@ -92,6 +92,17 @@ class GeneratedDomain:
     item_concept: np.ndarray  # concept of local item k (original id - id offset - 1)
     transitions: np.ndarray | None  # the concept transition matrix walked (None for noise)
 
+    @property
+    def event_concepts(self) -> np.ndarray:
+        """The latent concept of every event's item."""
+        local_item = self.events.column("item").to_numpy() - _id_offset(self.spec) - 1
+        return self.item_concept[local_item]
+
+
+def _id_offset(spec: DomainSpec) -> int:
+    """Original ids of domain i are offset into their own block: catalogs never overlap."""
+    return (spec.index + 1) * _ID_BLOCK
+
 
 def domain_specs(config: SyntheticConfig) -> list[DomainSpec]:
     """Target first, then related, unrelated and noise sources, zero-padded names."""
@@ -150,7 +161,7 @@ def generate_domain(spec: DomainSpec, config: SyntheticConfig, world: np.ndarray
         items = _walk(transitions, item_concept, popularity, num_users, steps, rng)
 
     alive = np.arange(steps)[None, :] < lengths[:, None]  # (users, steps)
-    offset = (spec.index + 1) * _ID_BLOCK
+    offset = _id_offset(spec)
     events = pa.table(
         {
             "user": np.repeat(np.arange(num_users, dtype=np.int64) + offset + 1, lengths),
