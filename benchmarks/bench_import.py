@@ -200,6 +200,7 @@ def write_json_atomically(path: Path, payload: dict) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2)
             handle.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -116,3 +116,12 @@ def test_without_reindexing_string_ids_are_rejected():
 def test_impossible_import_options_name_the_field(values, field):
     with pytest.raises(ConfigError, match=field):
         build_config(ImportOptions, values, "command line")
+
+
+def test_duplicates_separated_by_other_events_at_the_same_time_are_found():
+    users = [1, 1, 1, 1, 2, 2, 2]
+    items = [5, 6, 5, 7, 5, 6, 5]
+    times = [1, 1, 1, 2, 1, 2, 3]
+    tables, report = build_domain(events(users, items, times), ImportOptions(), "t")
+    assert sequences_of(tables) == {"1": [5, 6, 7], "2": [5, 6, 5]}
+    assert report.duplicates_dropped == 1

@@ -93,10 +93,11 @@ def build_domain(events: pa.Table, options: ImportOptions, source: str) -> tuple
     item_codes, item_keys = _sorted_codes(events.column("item"))
     time = events.column("timestamp").to_numpy() if "timestamp" in events.column_names else None
     keep = np.ones(num_events, dtype=bool)
+    chronological = _chronological_order(user_codes, time)  # sorted once, filtered below
 
     duplicates = 0
     if options.drop_duplicates and time is not None:
-        duplicates = _mark_duplicates(user_codes, item_codes, time, keep)
+        duplicates = _mark_duplicates(chronological, user_codes, item_codes, time, keep)
 
     k_core_dropped = 0
     if options.k_core > 1:
@@ -104,7 +105,7 @@ def build_domain(events: pa.Table, options: ImportOptions, source: str) -> tuple
         _k_core(user_codes, item_codes, keep, options.k_core, len(user_keys), len(item_keys))
         k_core_dropped = before - int(keep.sum())
 
-    rows = _chronological_rows(user_codes, time, keep)
+    rows = chronological[keep[chronological]]
     users_of_rows = user_codes[rows]
     per_user = np.bincount(users_of_rows, minlength=len(user_keys))
     position = np.arange(len(rows)) - (np.cumsum(per_user) - per_user)[users_of_rows]
@@ -161,13 +162,24 @@ def _sorted_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     return rank[encoded.indices.to_numpy(zero_copy_only=False)], keys.take(pa.array(order))
 
 
-def _mark_duplicates(users: np.ndarray, items: np.ndarray, time: np.ndarray, keep: np.ndarray) -> int:
-    """Clear ``keep`` for every repeat of an earlier identical (user, item, time) event."""
-    order = np.lexsort((np.arange(len(users)), time, items, users))  # first occurrence first
-    same = (users[order][1:] == users[order][:-1]) & (items[order][1:] == items[order][:-1])
-    same &= time[order][1:] == time[order][:-1]
-    keep[order[1:][same]] = False
-    return int(same.sum())
+def _mark_duplicates(order: np.ndarray, users, items, time, keep: np.ndarray) -> int:
+    """Clear ``keep`` for every repeat of an earlier identical (user, item, time) event.
+
+    ``order`` is the chronological order, so identical events sit in runs of equal
+    (user, time); only those runs (few, in practice) are sorted again, by item.
+    """
+    sorted_users, sorted_time = users[order], time[order]
+    tied = (sorted_users[1:] == sorted_users[:-1]) & (sorted_time[1:] == sorted_time[:-1])
+    if not tied.any():
+        return 0
+    in_run = np.r_[tied, False] | np.r_[False, tied]
+    run_id = np.cumsum(~np.r_[False, tied])[in_run]  # same id within a run of equal (user, time)
+    rows = order[in_run]
+    by_item = np.lexsort((rows, items[rows], run_id))  # within a run: by item, file order first
+    rows, run_id = rows[by_item], run_id[by_item]
+    repeat = (run_id[1:] == run_id[:-1]) & (items[rows[1:]] == items[rows[:-1]])
+    keep[rows[1:][repeat]] = False
+    return int(repeat.sum())
 
 
 def _k_core(users, items, keep, k: int, num_users: int, num_items: int) -> None:
@@ -181,11 +193,11 @@ def _k_core(users, items, keep, k: int, num_users: int, num_items: int) -> None:
         keep &= ~weak
 
 
-def _chronological_rows(users: np.ndarray, time: np.ndarray | None, keep: np.ndarray) -> np.ndarray:
-    """Kept row indices grouped by user, by time within a user, file order on ties."""
-    rows = np.flatnonzero(keep)
+def _chronological_order(users: np.ndarray, time: np.ndarray | None) -> np.ndarray:
+    """Row indices grouped by user, by time within a user, file order on ties (stable sorts)."""
+    rows = np.arange(len(users))
     if time is not None:
-        rows = rows[np.argsort(time[rows], kind="stable")]
+        rows = np.argsort(time, kind="stable")
     return rows[np.argsort(users[rows], kind="stable")]
 
 

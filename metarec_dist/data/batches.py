@@ -1,0 +1,52 @@
+"""Fixed-shape numpy batches from ragged sequences (the model layer wraps them in tensors).
+
+Sequences are *left*-padded with 0 and keep their most recent items, so the
+last column is always a user's latest event, as a causal encoder reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from metarec_dist.data.sequences import SequenceView
+
+PAD = 0
+
+
+def left_padded(view: SequenceView, rows: np.ndarray, length: int) -> np.ndarray:
+    """``[len(rows), length]`` int64: each row's last ``length`` items, right-aligned."""
+    rows = np.asarray(rows, dtype=np.int64)
+    ends = view.ends[rows]
+    starts = np.maximum(view.starts[rows], ends - length)
+    counts = ends - starts
+    out = np.zeros((len(rows), length), dtype=np.int64)
+    # Column of each copied item: right-aligned, so a row of n items fills the last n columns.
+    row_index = np.repeat(np.arange(len(rows)), counts)
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    column = length - np.repeat(counts, counts) + within
+    out[row_index, column] = view.values[np.repeat(starts, counts) + within]
+    return out
+
+
+@dataclass(frozen=True)
+class NextItemBatch:
+    """Inputs and next-item targets at every position (0 where there is none)."""
+
+    inputs: np.ndarray  # [B, L] int64, left-padded
+    targets: np.ndarray  # [B, L] int64, targets[b, t] follows inputs[b, :t+1]
+
+
+def next_item_batch(view: SequenceView, rows: np.ndarray, length: int) -> NextItemBatch:
+    """Training pairs from each row's last ``length + 1`` items (inputs shifted by one)."""
+    window = left_padded(view, rows, length + 1)
+    inputs, targets = window[:, :-1].copy(), window[:, 1:].copy()
+    targets[inputs == PAD] = PAD  # no target for positions before the sequence starts
+    return NextItemBatch(inputs=inputs, targets=targets)
+
+
+def sample_rows(candidates: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """``batch_size`` rows drawn without replacement (with, if there are too few)."""
+    replace = len(candidates) < batch_size
+    return rng.choice(candidates, size=batch_size, replace=replace)
