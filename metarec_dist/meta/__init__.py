@@ -1,0 +1,1 @@
+"""Meta-learning: inner loop, meta-gradients, similarity-rescaled task weights, baselines."""

@@ -1,0 +1,249 @@
+"""One meta-step of MetaRec, as functions over parameter dicts.
+
+For shared parameters theta (encoder, codebook) and a batch of source tasks:
+
+1. ``adapt_to_task``: copy theta, take K SGD steps on a support batch of the
+   source, giving phi_i;
+2. score phi_i on a query batch of the *limited target data*; the gradient of
+   that query loss is the task's meta-gradient g_i (first order: taken at
+   phi_i; second order: at theta, through the inner loop);
+3. ``task_similarity``: s_i = cos(phi_i - theta, -g_i) ("descent" sign: a
+   source whose adaptation also lowers the target loss scores high), over all
+   shared parameters flattened, or averaged per tensor;
+4. ``task_weights``: w = softmax(s / temperature) (or uniform, the ablation);
+5. ``combine``: the update direction sum_i w_i g_i, applied by the optimizer.
+
+Steps 3-5 are pure functions of tensors, so the distributed runner can
+compute s_i where the task ran, gather all s, take the softmax globally and
+reduce the weighted sums, and get the same update.
+
+Domain-local parameters: a source's item table and adapter learn from its own
+support loss (at theta); the target's learn from the weighted query losses.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from metarec_dist.config import StrictModel
+from metarec_dist.data.batches import NextItemBatch
+from metarec_dist.model.recommender import SequenceRecommender
+
+Params = dict[str, torch.Tensor]
+
+
+class MetaConfig(StrictModel):
+    tasks_per_step: int = Field(3, ge=1, description="source tasks sampled per meta-step")
+    inner_steps: int = Field(1, ge=1, description="SGD steps of the inner loop (K)")
+    inner_lr: float = Field(0.01, gt=0, description="inner learning rate (initial value if learned)")
+    learned_inner_lr: bool = Field(False, description="learn one inner rate per shared tensor and step")
+    inner_lr_learning_rate: float = Field(1e-4, gt=0, description="outer learning rate of learned inner rates")
+    order: Literal["first", "second"] = Field("first", description="second: differentiate through the loop")
+    similarity: Literal["cosine", "per_tensor_cosine"] = "cosine"
+    sign: Literal["descent", "gradient"] = Field(
+        "descent", description="descent: cos(phi - theta, -g); gradient: cos(phi - theta, g)"
+    )
+    temperature: float = Field(1.0, gt=0, description="softmax temperature over similarities")
+    weighting: Literal["similarity", "uniform"] = "similarity"
+
+
+@dataclass
+class TaskBatch:
+    source: str
+    support: NextItemBatch
+    query: NextItemBatch
+
+
+@dataclass
+class TaskResult:
+    """What one task contributes; everything needed for the global weighting."""
+
+    source: str
+    adaptation: Params  # phi_i - theta (detached)
+    meta_gradient: Params  # g_i over shared names
+    target_local_gradient: Params  # gradient of the query loss w.r.t. the target's own parameters
+    source_local_gradient: Params  # gradient of the support loss (at theta) w.r.t. the source's own
+    inner_lr_gradient: list[torch.Tensor]  # one per learned rate (empty if fixed)
+    support_loss: float
+    query_loss: float
+
+
+def _loss(model: SequenceRecommender, params: Params, domain: str, batch: NextItemBatch) -> torch.Tensor:
+    inputs = torch.as_tensor(batch.inputs)
+    targets = torch.as_tensor(batch.targets)
+    return functional_call(model, params, (domain, inputs, targets), strict=False).loss
+
+
+def run_task(
+    model: SequenceRecommender,
+    target: str,
+    task: TaskBatch,
+    config: MetaConfig,
+    inner_lrs: list[torch.Tensor] | None = None,
+) -> TaskResult:
+    """Inner loop on the source's support batch, then the target query (one task)."""
+    shared = model.shared_names()
+    parameters = dict(model.named_parameters())
+    theta = {name: parameters[name] for name in shared}
+    source_local = {name: parameters[name] for name in model.local_names(task.source)}
+    target_local = {name: parameters[name] for name in model.local_names(target)}
+    second_order = config.order == "second"
+    rates = inner_lrs or []
+
+    # The math SDPA kernel has the double-backward that second order needs on CPU.
+    with sdpa_kernel([SDPBackend.MATH]) if second_order else nullcontext():
+        fast = dict(theta)
+        source_local_gradient: Params = {}
+        support_loss = 0.0
+        for step in range(config.inner_steps):
+            loss = _loss(model, {**fast, **source_local}, task.source, task.support)
+            wrt = [fast[name] for name in shared] + (list(source_local.values()) if step == 0 else [])
+            gradients = torch.autograd.grad(loss, wrt, create_graph=second_order, allow_unused=True)
+            if step == 0:
+                support_loss = loss.item()
+                source_local_gradient = {
+                    name: _zero_if_none(g, p).detach()
+                    for (name, p), g in zip(source_local.items(), gradients[len(shared) :])
+                }
+            fast = _sgd_step(fast, shared, gradients[: len(shared)], rates, config, step, second_order)
+
+        query = _loss(model, {**fast, **target_local}, target, task.query)
+        # First order: g_i at phi_i (the fast tensors); second order: at theta, through the loop.
+        meta_wrt = [fast[name] for name in shared] if not second_order else [theta[name] for name in shared]
+        wrt = meta_wrt + list(target_local.values()) + list(rates)
+        gradients = torch.autograd.grad(query, wrt, allow_unused=True)
+
+    n_shared, n_target = len(shared), len(target_local)
+    return TaskResult(
+        source=task.source,
+        adaptation={name: (fast[name] - theta[name]).detach() for name in shared},
+        meta_gradient={name: _zero_if_none(g, theta[name]) for name, g in zip(shared, gradients[:n_shared])},
+        target_local_gradient={
+            name: _zero_if_none(g, p)
+            for (name, p), g in zip(target_local.items(), gradients[n_shared : n_shared + n_target])
+        },
+        source_local_gradient=source_local_gradient,
+        inner_lr_gradient=[_zero_if_none(g, r) for g, r in zip(gradients[n_shared + n_target :], rates)],
+        support_loss=support_loss,
+        query_loss=query.item(),
+    )
+
+
+def _zero_if_none(gradient: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if gradient is None else gradient
+
+
+def _sgd_step(fast, shared, gradients, rates, config, step, second_order) -> Params:
+    """phi <- phi - lr * grad; first order detaches grad (rates still get gradients)."""
+    updated = {}
+    for index, (name, gradient) in enumerate(zip(shared, gradients)):
+        gradient = _zero_if_none(gradient, fast[name])
+        if not second_order:
+            gradient = gradient.detach()
+        rate = rates[step * len(shared) + index] if rates else config.inner_lr
+        updated[name] = fast[name] - rate * gradient
+    return updated
+
+
+def initial_inner_lrs(model: SequenceRecommender, config: MetaConfig) -> list[torch.Tensor]:
+    """Learned inner rates: one scalar per (inner step, shared tensor), as in Meta-SGD per layer."""
+    if not config.learned_inner_lr:
+        return []
+    count = config.inner_steps * len(model.shared_names())
+    dtype = next(model.parameters()).dtype
+    return [torch.nn.Parameter(torch.tensor(config.inner_lr, dtype=dtype)) for _ in range(count)]
+
+
+# --- the pure part: similarity, weights, combination -------------------------------
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0, eps=1e-12)
+
+
+def task_similarity(adaptation: Params, meta_gradient: Params, config: MetaConfig) -> float:
+    """s_i = cos(phi_i - theta, -g_i) ("descent") or cos(phi_i - theta, g_i) ("gradient")."""
+    sign = -1.0 if config.sign == "descent" else 1.0
+    names = sorted(adaptation)
+    if config.similarity == "cosine":
+        a = torch.cat([adaptation[name].flatten() for name in names])
+        g = torch.cat([meta_gradient[name].flatten() for name in names])
+        return float(_cosine(a, sign * g))
+    return float(torch.stack([_cosine(adaptation[name], sign * meta_gradient[name]) for name in names]).mean())
+
+
+def task_weights(similarities: torch.Tensor, config: MetaConfig) -> torch.Tensor:
+    """w = softmax(s / temperature), or 1/T each for the uniform ablation."""
+    similarities = torch.as_tensor(similarities, dtype=torch.float64)
+    if config.weighting == "uniform":
+        return torch.full_like(similarities, 1.0 / len(similarities))
+    return torch.softmax(similarities / config.temperature, dim=0)
+
+
+def combine(gradients: list[Params], weights: torch.Tensor) -> Params:
+    """sum_i w_i g_i, per tensor (a sum over tasks, never an average over workers)."""
+    names = gradients[0].keys()
+    return {name: sum(float(w) * g[name] for w, g in zip(weights, gradients)) for name in names}
+
+
+# --- one meta-step in one process ---------------------------------------------------
+
+
+@dataclass
+class MetaStepLog:
+    sources: list[str]
+    similarities: list[float]
+    weights: list[float]
+    query_loss: float  # mean over tasks
+    support_loss: float  # mean over tasks
+
+
+def meta_step(
+    model: SequenceRecommender,
+    optimizer: torch.optim.Optimizer,
+    target: str,
+    tasks: list[TaskBatch],
+    config: MetaConfig,
+    inner_lrs: list[torch.Tensor] | None = None,
+) -> MetaStepLog:
+    """Run every task, weight them, and apply one optimizer step to all parameters."""
+    if len({task.source for task in tasks}) != len(tasks):
+        raise ValueError("a meta-step's tasks must come from distinct sources")
+    results = [run_task(model, target, task, config, inner_lrs) for task in tasks]
+    similarities = [task_similarity(r.adaptation, r.meta_gradient, config) for r in results]
+    weights = task_weights(torch.tensor(similarities), config)
+    apply_gradients(model, results, weights, inner_lrs or [])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return MetaStepLog(
+        sources=[r.source for r in results],
+        similarities=similarities,
+        weights=[float(w) for w in weights],
+        query_loss=sum(r.query_loss for r in results) / len(results),
+        support_loss=sum(r.support_loss for r in results) / len(results),
+    )
+
+
+def apply_gradients(
+    model: SequenceRecommender, results: list[TaskResult], weights: torch.Tensor, inner_lrs: list[torch.Tensor]
+) -> None:
+    """Set .grad: shared and target-local get sum_i w_i g_i; each source its own support gradient."""
+    parameters = dict(model.named_parameters())
+    weighted = {
+        **combine([r.meta_gradient for r in results], weights),
+        **combine([r.target_local_gradient for r in results], weights),
+    }
+    for result in results:
+        weighted.update(result.source_local_gradient)
+    for name, gradient in weighted.items():
+        parameters[name].grad = gradient.to(parameters[name].dtype)
+    if inner_lrs:
+        for rate, gradient in zip(inner_lrs, combine([dict(enumerate(r.inner_lr_gradient)) for r in results], weights).values()):
+            rate.grad = gradient

@@ -1,0 +1,112 @@
+"""The shared causal sequence encoder (SASRec family), read top to bottom.
+
+It sees only vectors in the shared space, never a domain's ids: the caller
+looks items up (through the VQ codebook, or an id table for the target-only
+baseline) and passes ``[B, L, D]`` vectors plus the padding mask. Inputs are
+left-padded, so position L-1 is every user's latest event.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from metarec_dist.config import StrictModel
+
+
+class EncoderConfig(StrictModel):
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    max_length: int = Field(50, ge=2, description="most recent events read per user")
+    dropout: float = Field(0.2, ge=0, lt=1)
+    ffn_multiplier: int = Field(4, ge=1, description="feed-forward width = multiplier * model width")
+
+
+def attention_mask(padding: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, L, L]: query i may attend key j if j <= i and j is not padding.
+
+    A position always sees itself, so padded (left) positions never get an
+    all-masked row (which would produce NaNs); their outputs are never used.
+    """
+    length = padding.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=padding.device).tril()
+    allowed = causal & ~padding[:, None, :]  # [B, L, L]
+    allowed |= torch.eye(length, dtype=torch.bool, device=padding.device)
+    return allowed[:, None]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"encoder width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).split(width, dim=-1)
+        # [B, L, D] -> [B, heads, L, D/heads]
+        q, k, v = (t.view(batch, length, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(batch, length, width))  # [B, L, D]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, config: EncoderConfig):
+        super().__init__()
+        self.ln_attention = nn.LayerNorm(width)
+        self.attention = CausalSelfAttention(width, config.heads, config.dropout)
+        self.ln_mlp = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, config.ffn_multiplier * width),
+            nn.GELU(),
+            nn.Linear(config.ffn_multiplier * width, width),
+            nn.Dropout(config.dropout),
+        )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.ln_attention(x), mask))
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class SequenceEncoder(nn.Module):
+    def __init__(self, width: int, config: EncoderConfig):
+        super().__init__()
+        self.config = config
+        self.position = nn.Embedding(config.max_length, width)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(width, config) for _ in range(config.layers))
+        self.ln_final = nn.LayerNorm(width)
+        self.apply(_init_weights)
+
+    def forward(self, item_vectors: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """item_vectors [B, L, D], padding [B, L] (True = pad) -> hidden states [B, L, D]."""
+        length = item_vectors.shape[1]
+        if length > self.config.max_length:
+            raise ValueError(f"sequence length {length} exceeds encoder max_length {self.config.max_length}")
+        # Positions count back from the latest event, so left padding does not shift them.
+        positions = torch.arange(self.config.max_length - length, self.config.max_length, device=padding.device)
+        x = self.dropout(item_vectors + self.position(positions))
+        x = x * (~padding).unsqueeze(-1).to(x.dtype)
+        mask = attention_mask(padding)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_final(x)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Small normal init (as in nanoGPT / SASRec); LayerNorm and biases at their defaults."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,93 @@
+"""The shared causal encoder and the recommender built on it."""
+
+import numpy as np
+import pytest
+import torch
+
+from metarec_dist.model.encoder import EncoderConfig, SequenceEncoder
+from metarec_dist.model.recommender import ModelConfig, SequenceRecommender
+
+TINY = EncoderConfig(layers=2, heads=2, max_length=6, dropout=0.0)
+
+
+def test_outputs_do_not_see_the_future():
+    torch.manual_seed(0)
+    encoder = SequenceEncoder(8, TINY).eval()
+    x = torch.randn(1, 6, 8)
+    padding = torch.zeros(1, 6, dtype=torch.bool)
+    changed = x.clone()
+    changed[0, 4:] = torch.randn(2, 8)
+    a, b = encoder(x, padding), encoder(changed, padding)
+    assert torch.allclose(a[0, :4], b[0, :4], atol=1e-6)
+    assert not torch.allclose(a[0, 4:], b[0, 4:])
+
+
+def test_left_padding_does_not_change_the_latest_state():
+    torch.manual_seed(1)
+    encoder = SequenceEncoder(8, TINY).eval()
+    x = torch.randn(1, 3, 8)
+    short = encoder(x, torch.zeros(1, 3, dtype=torch.bool))[0, -1]
+    padded_x = torch.cat([torch.randn(1, 3, 8), x], dim=1)  # garbage in the padded slots
+    padding = torch.tensor([[True, True, True, False, False, False]])
+    padded = encoder(padded_x, padding)[0, -1]
+    assert torch.allclose(short, padded, atol=1e-5)
+    assert not torch.isnan(encoder(padded_x, padding)).any()
+
+
+def test_sequences_longer_than_max_length_are_rejected():
+    encoder = SequenceEncoder(8, TINY)
+    with pytest.raises(ValueError, match="max_length"):
+        encoder(torch.randn(1, 7, 8), torch.zeros(1, 7, dtype=torch.bool))
+
+
+def model(**overrides):
+    config = ModelConfig(
+        width=16, item_width=8, item_widths={"b": 12}, encoder=TINY, vq={"num_codebooks": 2, "codewords": 8},
+        **overrides,
+    )
+    return SequenceRecommender(config, {"t": 20, "a": 30, "b": 25})
+
+
+def test_domains_own_item_tables_of_their_own_width_and_only_shared_parts_are_shared():
+    recommender = model()
+    params = dict(recommender.named_parameters())
+    assert params["domains.a.embedding.weight"].shape == (31, 8)
+    assert params["domains.b.embedding.weight"].shape == (26, 12)
+    assert params["domains.b.adapter.weight"].shape == (16, 12)
+    shared = recommender.shared_names()
+    assert "quantizer.codebooks" in shared and all(not n.startswith("domains.") for n in shared)
+    assert set(recommender.local_names("a")) == {n for n in params if n.startswith("domains.a.")}
+
+
+def test_encoder_reads_only_quantized_vectors():
+    recommender = model()
+    tables = recommender.item_tables("a")
+    codes = recommender.quantizer(recommender.domains["a"]()[1:]).codes
+    assert torch.allclose(tables.inputs[1:], recommender.quantizer.codebooks[[0, 1], codes].reshape(30, 16))
+    assert torch.equal(tables.inputs[0], torch.zeros(16))
+
+
+def test_scores_cover_the_catalog_with_padding_excluded():
+    recommender = model().eval()
+    scores = recommender.scores("b", torch.tensor([[0, 0, 3, 4, 5, 6]]))
+    assert scores.shape == (1, 26) and scores[0, 0] == float("-inf")
+    assert torch.isfinite(scores[0, 1:]).all()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"loss": "sampled", "sampled_negatives": 5}, {"precision": "bf16"},
+                                       {"use_vq": False}])
+def test_training_reduces_the_loss(overrides):
+    torch.manual_seed(0)
+    recommender = model(**overrides)
+    rng = np.random.default_rng(0)
+    inputs = torch.as_tensor(rng.integers(1, 21, (16, 6)))
+    targets = (inputs % 20) + 1  # a learnable next-item rule
+    optimizer = torch.optim.Adam(recommender.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = recommender("t", inputs, targets).loss
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first
