@@ -73,7 +73,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
     generate.add_argument("--overwrite", action="store_true", help="replace domains made with other settings")
+    train = commands.add_parser("train", help="train one method on domains from a store")
+    train.add_argument("config", type=Path, help="run config YAML (see configs/)")
+    train.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.steps=500",
+    )
     return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from metarec_dist.config import load_config
+    from metarec_dist.meta.config import RunConfig
+    from metarec_dist.meta.trainer import Trainer, load_training_data
+    from metarec_dist.report.run_directory import create_run_dir, save_state, write_json, write_yaml
+    from metarec_dist.report.summary import format_run_summary
+
+    config = load_config(RunConfig, args.config, args.overrides)
+    data = load_training_data(config)  # fails on a missing domain before anything is written
+    run_dir = create_run_dir(config.output_dir, f"{config.method}-{config.data.target}")
+    write_yaml(run_dir / "config.yaml", config.model_dump(mode="json"))
+    file_log = logging.FileHandler(run_dir / "train.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package_log = logging.getLogger("metarec_dist")
+    package_log.addHandler(file_log)
+    package_log.setLevel(logging.INFO)
+    try:
+        print(f"run directory: {run_dir}", file=sys.stderr)
+        outcome = Trainer(config, data, progress=sys.stderr.isatty()).run()
+        save_state(run_dir / "model.pt", outcome.best_state)
+        write_json(run_dir / "results.json", outcome.results)
+    finally:
+        package_log.removeHandler(file_log)
+        file_log.close()
+    print(format_run_summary(outcome.results))
+    print(f"results: {run_dir / 'results.json'}")
 
 
 def cmd_data_import(args: argparse.Namespace) -> None:
@@ -165,6 +199,7 @@ def cmd_data_generate(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {
+    ("train", None): cmd_train,
     ("data", "import"): cmd_data_import,
     ("data", "describe"): cmd_data_describe,
     ("data", "list"): cmd_data_list,
@@ -174,10 +209,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    command = COMMANDS[(args.command, getattr(args, f"{args.command}_command"))]
+    terminal = logging.StreamHandler()  # run logs also go to files; the terminal gets warnings
+    terminal.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[terminal], force=True)
+    command = COMMANDS[(args.command, getattr(args, f"{args.command}_command", None))]
     try:
         command(args)
     except MetarecError as error:

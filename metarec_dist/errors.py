@@ -21,3 +21,7 @@ class StoreError(MetarecError):
 
 class ConfigError(MetarecError):
     """A configuration value is unknown, of the wrong type or impossible."""
+
+
+class TrainingError(MetarecError):
+    """Training cannot go on (a non-finite loss, say); names the step and the domain."""

@@ -1,0 +1,73 @@
+"""The root run config: one typed model per component, validated once, up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from metarec_dist.config import StrictModel
+from metarec_dist.eval.full_ranking import EvalConfig
+from metarec_dist.meta.step import MetaConfig
+from metarec_dist.model.recommender import ModelConfig
+
+METHODS = ("metarec", "uniform", "joint", "target_only")
+
+
+class DataConfig(StrictModel):
+    store: Path = Path("store")
+    target: str = Field(..., description="the domain to recommend in")
+    sources: list[str] = Field(default_factory=list, description="source domains (tasks)")
+    limited_target_fraction: float = Field(1.0, gt=0, le=1, description="target users that keep training data")
+    split_seed: int = Field(0, description="seed of the limited-target user sample")
+
+
+class TrainConfig(StrictModel):
+    seed: int = 0
+    steps: int = Field(2000, ge=1, description="optimizer steps (meta-steps for metarec/uniform)")
+    pretrain_steps: int = Field(0, ge=0, description="joint multi-source steps before the main phase")
+    batch_size: int = Field(128, ge=1, description="sequences per batch (support and query alike)")
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(100, ge=1, description="validate every this many steps")
+    patience: int = Field(5, ge=1, description="stop after this many validations without improvement")
+    selection_metric: str = Field("NDCG@10", description="validation metric for early stopping")
+    codebook_reinit_every: int = Field(100, ge=0, description="re-initialise dead codewords (0: never)")
+    threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
+
+
+class RunConfig(StrictModel):
+    method: Literal["metarec", "uniform", "joint", "target_only"] = "metarec"
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    meta: MetaConfig = MetaConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output_dir: Path = Field(Path("runs"), description="run directories are created inside")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        data = self.data
+        if data.target in data.sources:
+            raise ValueError(f"data.sources: the target '{data.target}' is also listed as a source")
+        if len(set(data.sources)) != len(data.sources):
+            raise ValueError("data.sources: a source is listed twice")
+        if self.method != "target_only" and not data.sources:
+            raise ValueError(f"data.sources: method '{self.method}' needs at least one source domain")
+        if self.method == "target_only" and self.train.pretrain_steps:
+            raise ValueError("train.pretrain_steps: target_only uses no sources; set it to 0")
+        metric, _, k = self.train.selection_metric.partition("@")
+        if metric not in ("HR", "NDCG", "MRR") or (k and int(k) not in self.eval.ks if k.isdigit() else bool(k)):
+            raise ValueError(
+                f"train.selection_metric '{self.train.selection_metric}': use MRR or HR@K / NDCG@K "
+                f"with K in eval.ks {list(self.eval.ks)}"
+            )
+        return self
+
+    @property
+    def effective_model(self) -> ModelConfig:
+        """target_only is SASRec on item ids: the method switches the codebook off."""
+        if self.method == "target_only":
+            return self.model.model_copy(update={"use_vq": False})
+        return self.model

@@ -1,0 +1,282 @@
+"""Single-process training of every method, through the same pieces.
+
+    load_training_data  ->  Trainer(config, data).run()  ->  TrainingOutcome
+
+Methods (``RunConfig.method``):
+- ``metarec``: meta-steps with similarity-rescaled task weights;
+- ``uniform``: the same meta-steps with uniform weights (isolates the rescaling);
+- ``joint``: multi-source training through the shared VQ space
+  (``train.pretrain_steps``), then fine-tuning on the target;
+- ``target_only``: SASRec on the target's item ids, no codebook, no sources.
+
+Any method may start with ``train.pretrain_steps`` of joint multi-source
+training (a warm-up for MetaRec). Validation on the target every
+``train.eval_every`` steps drives early stopping and model selection; the best
+state is tested at the end. Nothing here writes files: the caller decides
+where results land.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from metarec_dist.data.batches import NextItemBatch, next_item_batch, sample_rows
+from metarec_dist.data.sequences import SequenceView
+from metarec_dist.data.splits import LeaveOneOutSplit, leave_one_out, limit_target
+from metarec_dist.data.store import DomainStore
+from metarec_dist.errors import ConfigError, TrainingError
+from metarec_dist.eval.full_ranking import evaluate_full_ranking
+from metarec_dist.meta.config import RunConfig
+from metarec_dist.meta.step import MetaConfig, TaskBatch, initial_inner_lrs, meta_step
+from metarec_dist.model.recommender import SequenceRecommender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    target: str
+    split: LeaveOneOutSplit  # limited-target training rows; validation and test for every user
+    catalogs: dict[str, int]  # domain -> number of items
+    sources: dict[str, SequenceView]  # a source's whole sequences are training data
+
+
+def load_training_data(config: RunConfig) -> TrainingData:
+    """Open the target and the sources from the store (and nothing else)."""
+    store = DomainStore(config.data.store)
+    wanted = [("data.target", config.data.target)] + [("data.sources", s) for s in config.data.sources]
+    for field_name, domain in wanted:
+        if domain not in store:
+            present = ", ".join(store.names()[:10]) or "none"
+            raise ConfigError(
+                f"{field_name}: domain '{domain}' is not in the store {store.root} (present: {present}); "
+                "import or generate it first"
+            )
+    target = store.open(config.data.target)
+    split = limit_target(
+        leave_one_out(target.sequences), config.data.limited_target_fraction, config.data.split_seed
+    )
+    sources = {name: store.open(name).sequences for name in config.data.sources}
+    catalogs = {config.data.target: target.num_items}
+    catalogs.update({name: store.open(name).num_items for name in config.data.sources})
+    return TrainingData(target=config.data.target, split=split, catalogs=catalogs, sources=sources)
+
+
+@dataclass
+class TrainingOutcome:
+    results: dict[str, Any]
+    best_state: dict[str, torch.Tensor]
+    model: SequenceRecommender
+
+
+@dataclass
+class _SourceWeights:
+    """Per-source weight bookkeeping: which sources the target listens to."""
+
+    total_relative: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    times_sampled: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, step: int, sources: list[str], similarities: list[float], weights: list[float]) -> None:
+        for source, weight in zip(sources, weights):
+            self.total_relative[source] += weight * len(sources)  # 1.0 = a uniform share
+            self.times_sampled[source] += 1
+        self.history.append({"step": step, "sources": sources, "similarities": similarities, "weights": weights})
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {
+            source: {
+                "mean_relative_weight": self.total_relative[source] / self.times_sampled[source],
+                "times_sampled": self.times_sampled[source],
+            }
+            for source in sorted(self.times_sampled)
+        }
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, data: TrainingData, progress: bool = True):
+        self.config = config
+        self.data = data
+        self.progress = progress
+        train = config.train
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        torch.manual_seed(train.seed)
+        self.rng = np.random.default_rng(train.seed)
+        catalogs = data.catalogs if config.method != "target_only" else {data.target: data.catalogs[data.target]}
+        self.model = SequenceRecommender(config.effective_model, catalogs)
+        self.meta_config: MetaConfig = config.meta
+        if config.method == "uniform":
+            self.meta_config = config.meta.model_copy(update={"weighting": "uniform"})
+        self.inner_lrs = initial_inner_lrs(self.model, self.meta_config) if self._is_meta else []
+        groups = [{"params": list(self.model.parameters())}]
+        if self.inner_lrs:
+            groups.append({"params": self.inner_lrs, "lr": self.meta_config.inner_lr_learning_rate})
+        self.optimizer = torch.optim.Adam(groups, lr=train.learning_rate, weight_decay=train.weight_decay)
+        self.training_rows = data.split.training_users
+        if len(self.training_rows) == 0:
+            raise ConfigError("data.limited_target_fraction: no target user keeps training data; raise it")
+        self.length = config.model.encoder.max_length
+        self.weights = _SourceWeights()
+
+    @property
+    def _is_meta(self) -> bool:
+        return self.config.method in ("metarec", "uniform")
+
+    # --- batches -------------------------------------------------------------------
+
+    def _target_batch(self) -> NextItemBatch:
+        rows = sample_rows(self.training_rows, self.config.train.batch_size, self.rng)
+        return next_item_batch(self.data.split.train, rows, self.length)
+
+    def _source_batch(self, source: str) -> NextItemBatch:
+        view = self.data.sources[source]
+        rows = sample_rows(np.arange(len(view)), self.config.train.batch_size, self.rng)
+        return next_item_batch(view, rows, self.length)
+
+    def _sample_sources(self) -> list[str]:
+        names = sorted(self.data.sources)
+        count = min(self.meta_config.tasks_per_step, len(names))
+        return [names[i] for i in self.rng.choice(len(names), size=count, replace=False)]
+
+    # --- steps ---------------------------------------------------------------------
+
+    def _gradient_step(self, losses: dict[str, torch.Tensor], step: int) -> float:
+        total = sum(losses.values())
+        _check_finite(total, step, losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return total.item()
+
+    def _joint_step(self, step: int) -> float:
+        """One batch from each sampled source, summed (pre-training / warm-up)."""
+        losses = {}
+        for source in self._sample_sources():
+            batch = self._source_batch(source)
+            losses[source] = self.model(source, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)).loss
+        return self._gradient_step(losses, step)
+
+    def _target_step(self, step: int) -> float:
+        batch = self._target_batch()
+        loss = self.model(self.data.target, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)).loss
+        return self._gradient_step({self.data.target: loss}, step)
+
+    def _meta_step(self, step: int) -> float:
+        tasks = [TaskBatch(source, self._source_batch(source), self._target_batch()) for source in self._sample_sources()]
+        result = meta_step(self.model, self.optimizer, self.data.target, tasks, self.meta_config, self.inner_lrs)
+        if not math.isfinite(result.query_loss):
+            raise TrainingError(
+                f"step {step}: query loss on target '{self.data.target}' is {result.query_loss} "
+                f"(sources {result.sources}); lower train.learning_rate or meta.inner_lr"
+            )
+        self.weights.record(step, result.sources, result.similarities, result.weights)
+        return result.query_loss
+
+    # --- evaluation ----------------------------------------------------------------
+
+    def evaluate(self, stage: str) -> dict[str, float]:
+        """Full-catalog ranking of the target's validation or test items, every user."""
+        split = self.data.split
+        histories, items = (
+            (split.valid_history, split.valid_item) if stage == "valid" else (split.test_history, split.test_item)
+        )
+        self.model.eval()
+        try:
+            return evaluate_full_ranking(
+                lambda inputs: self.model.scores(self.data.target, inputs),
+                histories,
+                items,
+                self.data.catalogs[self.data.target],
+                self.config.eval,
+                self.length,
+            )
+        finally:
+            self.model.train()
+
+    # --- the loop ------------------------------------------------------------------
+
+    def run(self) -> TrainingOutcome:
+        train = self.config.train
+        started = time.perf_counter()
+        history: list[dict[str, Any]] = []
+        for step in tqdm(range(train.pretrain_steps), desc="pre-training on sources", disable=not self.progress):
+            self._joint_step(step)
+            self._maybe_reinit_codes(step)
+
+        main_step = self._meta_step if self._is_meta else self._target_step
+        best, best_step, best_state, best_valid, stale = -math.inf, 0, None, {}, 0
+        losses: list[float] = []
+        bar = tqdm(range(1, train.steps + 1), desc=self.config.method, disable=not self.progress)
+        for step in bar:
+            losses.append(main_step(step))
+            self._maybe_reinit_codes(step)
+            if step % train.eval_every and step != train.steps:
+                continue
+            valid = self.evaluate("valid")
+            metric = valid[train.selection_metric]
+            entry = {
+                "step": step,
+                "seconds": time.perf_counter() - started,
+                "train_loss": float(np.mean(losses)),
+                "valid": valid,
+                **self._codebook_health(),
+            }
+            history.append(entry)
+            losses.clear()
+            log.info("step %d loss %.4f valid %s %.4f", step, entry["train_loss"], train.selection_metric, metric)
+            bar.set_postfix(loss=f"{entry['train_loss']:.3f}", valid=f"{metric:.4f}")
+            if metric > best:
+                best, best_step, best_valid, stale = metric, step, valid, 0
+                best_state = copy.deepcopy(self.model.state_dict())
+            else:
+                stale += 1
+                if stale >= train.patience:
+                    log.info("early stop at step %d (best %s %.4f at step %d)", step, train.selection_metric, best, best_step)
+                    break
+
+        self.model.load_state_dict(best_state)
+        test = self.evaluate("test")
+        results = {
+            "method": self.config.method,
+            "target": self.data.target,
+            "sources": sorted(self.data.sources),
+            "limited_target_fraction": self.config.data.limited_target_fraction,
+            "training_users": int(len(self.training_rows)),
+            "seed": train.seed,
+            "best_step": best_step,
+            "steps_run": history[-1]["step"],
+            "wall_seconds": time.perf_counter() - started,
+            "selection_metric": train.selection_metric,
+            "validation": best_valid,
+            "test": test,
+            "history": history,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+        if self._is_meta:
+            results["source_weights"] = {"final": self.weights.summary(), "history": self.weights.history}
+        return TrainingOutcome(results=results, best_state=best_state, model=self.model)
+
+    def _maybe_reinit_codes(self, step: int) -> None:
+        every = self.config.train.codebook_reinit_every
+        if self.model.quantizer is not None and every and step % every == 0:
+            self.model.quantizer.reinit_dead_codes()
+
+    def _codebook_health(self) -> dict[str, Any]:
+        return {} if self.model.quantizer is None else {"codebook": self.model.quantizer.health()}
+
+
+def _check_finite(total: torch.Tensor, step: int, losses: dict[str, torch.Tensor]) -> None:
+    if not torch.isfinite(total):
+        bad = [domain for domain, loss in losses.items() if not torch.isfinite(loss)]
+        raise TrainingError(f"step {step}: loss is {total.item()} on domain(s) {bad}; lower train.learning_rate")

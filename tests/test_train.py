@@ -1,0 +1,159 @@
+"""`metarec-dist train`: every method end to end on small synthetic domains, and bad configs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from metarec_dist.cli import main
+from metarec_dist.config import load_config
+from metarec_dist.data.synthetic import SyntheticConfig, generate_store
+from metarec_dist.errors import ConfigError
+from metarec_dist.meta.config import RunConfig
+from metarec_dist.meta.trainer import Trainer, load_training_data
+from metarec_dist.report.run_directory import load_state
+
+SOURCES = ["syn-related-00", "syn-unrelated-00", "syn-noise-00"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_store(tmp_path_factory):
+    from metarec_dist.data.store import DomainStore
+
+    store = DomainStore(tmp_path_factory.mktemp("synthetic") / "store")
+    generate_store(
+        SyntheticConfig(related_sources=1, unrelated_sources=1, noise_sources=1, target_users=300,
+                        target_items=200, source_users=(200, 300), source_items=(100, 200)),
+        store,
+    )
+    return store
+
+
+def write_config(tmp_path, store, **overrides):
+    config = {
+        "method": "metarec",
+        "data": {"store": str(store.root), "target": "syn-target", "sources": SOURCES,
+                 "limited_target_fraction": 0.5},
+        "model": {"width": 16, "item_width": 8, "vq": {"num_codebooks": 2, "codewords": 8},
+                  "encoder": {"layers": 1, "heads": 2, "max_length": 10, "dropout": 0.0}},
+        "meta": {"tasks_per_step": 2, "inner_lr": 0.1},
+        "train": {"steps": 6, "batch_size": 16, "eval_every": 3, "learning_rate": 0.003},
+        "output_dir": str(tmp_path / "runs"),
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if name:
+            config[section][name] = value
+        else:
+            config[section] = value
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("method", ["metarec", "uniform", "joint", "target_only"])
+def test_every_method_trains_and_writes_a_complete_run_directory(synthetic_store, tmp_path, capsys, method):
+    extra = {"train.pretrain_steps": 3} if method == "joint" else {}
+    config = write_config(tmp_path, synthetic_store, method=method, **extra)
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "model.pt", "results.json", "train.log"]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["method"] == method and f"{method} on 'syn-target'" in out
+    for split in ("validation", "test"):
+        assert set(results[split]) >= {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"}
+        assert results[split]["users"] == 300
+    assert results["training_users"] == 150
+    assert [entry["step"] for entry in results["history"]] == [3, 6]
+    state = load_state(run_dir / "model.pt")
+    assert all(isinstance(value, torch.Tensor) for value in state.values())
+    assert ("quantizer.codebooks" in state) == (method != "target_only")
+    if method in ("metarec", "uniform"):
+        weights = results["source_weights"]
+        assert set(weights["final"]) <= set(SOURCES) and len(weights["history"]) == 6
+        for entry in weights["history"]:
+            assert sum(entry["weights"]) == pytest.approx(1.0)
+        if method == "uniform":
+            assert all(w == pytest.approx(0.5) for e in weights["history"] for w in e["weights"])
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["method"] == method and saved["train"]["steps"] == 6
+
+
+def test_a_second_run_gets_its_own_directory(synthetic_store, tmp_path, capsys):
+    config = write_config(tmp_path, synthetic_store, method="target_only")
+    assert main(["train", str(config)]) == 0
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((run / "results.json").is_file() for run in runs)
+
+
+def test_same_seed_gives_the_same_results(synthetic_store, tmp_path):
+    config = load_config(RunConfig, write_config(tmp_path, synthetic_store))
+    data = load_training_data(config)
+    first = Trainer(config, data, progress=False).run().results
+    second = Trainer(config, data, progress=False).run().results
+    assert first["test"] == second["test"]
+    assert first["source_weights"]["history"] == second["source_weights"]["history"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["meta.temperature=-1"], "meta.temperature"),
+        (["meta.inner_steps=0"], "meta.inner_steps"),
+        (["data.sources=[syn-target]"], "also listed as a source"),
+        (["data.limited_target_fraction=0"], "data.limited_target_fraction"),
+        (["train.stepz=3"], "unknown key 'train.stepz'"),
+        (["method=maml"], "method"),
+        (["train.selection_metric=NDCG@7"], "selection_metric"),
+        (["data.sources=[]"], "needs at least one source"),
+    ],
+)
+def test_impossible_configs_are_rejected_up_front_naming_the_field(synthetic_store, tmp_path, capsys, overrides, message):
+    config = write_config(tmp_path, synthetic_store)
+    argv = ["train", str(config)] + [arg for o in overrides for arg in ("--set", o)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_domain_missing_from_the_store_is_named_before_anything_is_written(synthetic_store, tmp_path, capsys):
+    config = write_config(tmp_path, synthetic_store)
+    assert main(["train", str(config), "--set", "data.sources=[syn-related-00, Beauty]"]) == 2
+    err = capsys.readouterr().err
+    assert "data.sources: domain 'Beauty' is not in the store" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_training_reduces_loss_and_beats_popularity_on_real_data(shared_data, tmp_path):
+    from metarec_dist.data.importer import import_file
+    from metarec_dist.data.store import DomainStore
+    from metarec_dist.eval.full_ranking import evaluate_full_ranking
+
+    store = DomainStore(tmp_path / "store")
+    import_file(shared_data / "LastFM.txt", store)
+    config = load_config(RunConfig, None, [
+        "method=target_only", f"data.store={store.root}", "data.target=LastFM", "model.width=32",
+        "model.encoder.max_length=50", "train.steps=300", "train.batch_size=64", "train.eval_every=100",
+        "train.learning_rate=0.002", f"output_dir={tmp_path / 'runs'}",
+    ])
+    data = load_training_data(config)
+    outcome = Trainer(config, data, progress=False).run()
+    history = outcome.results["history"]
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+
+    split = data.split
+    counts = np.bincount(split.train.values[np.concatenate(
+        [np.arange(s, e) for s, e in zip(split.train.starts, split.train.ends)])], minlength=3647).astype(np.float32)
+    popularity = torch.from_numpy(counts)
+    popular = evaluate_full_ranking(
+        lambda inputs: popularity.expand(len(inputs), -1).clone(), split.test_history, split.test_item, 3646,
+        config.eval, 50,
+    )
+    assert outcome.results["test"]["NDCG@10"] > popular["NDCG@10"]
+    assert outcome.results["test"]["HR@10"] > popular["HR@10"]
