@@ -188,3 +188,20 @@ def test_meta_step_applies_the_weighted_meta_gradient_with_the_optimizer():
     assert not torch.equal(after["domains.a.embedding.weight"], before["domains.a.embedding.weight"])
     assert not torch.equal(after["domains.b.embedding.weight"], before["domains.b.embedding.weight"])
     assert not torch.equal(after["domains.t.embedding.weight"], before["domains.t.embedding.weight"])
+
+
+def test_source_gradient_weight_adds_the_support_gradient_to_the_update():
+    from metarec_dist.meta.step import task_update
+
+    model = tiny_model()
+    config = MetaConfig(inner_steps=1, inner_lr=0.3, source_gradient_weight=0.5)
+    result = run_task(model, "t", TASK, config)
+    support = TASK.support
+    loss = model("a", torch.as_tensor(support.inputs), torch.as_tensor(support.targets)).loss
+    names = model.shared_names()
+    gradients = torch.autograd.grad(loss, [dict(model.named_parameters())[n] for n in names], allow_unused=True)
+    update = task_update(result, config).meta_gradient
+    for name, gradient in zip(names, gradients):
+        support_gradient = torch.zeros_like(update[name]) if gradient is None else gradient
+        assert torch.allclose(update[name], result.meta_gradient[name] + 0.5 * support_gradient, atol=1e-10)
+    assert task_update(result, MetaConfig()).meta_gradient is result.meta_gradient

@@ -39,8 +39,14 @@ class NextItemBatch:
 
 
 def next_item_batch(view: SequenceView, rows: np.ndarray, length: int) -> NextItemBatch:
-    """Training pairs from each row's last ``length + 1`` items (inputs shifted by one)."""
-    window = left_padded(view, rows, length + 1)
+    """Training pairs from each row's last ``length + 1`` items (inputs shifted by one).
+
+    Columns that are padding in every row are cut off (the batch is only as long
+    as its longest sequence), which saves most of the encoder's work on short
+    sequences; positions count from the right, so nothing else changes.
+    """
+    longest = int(min(view.lengths[np.asarray(rows)].max(initial=1), length + 1))
+    window = left_padded(view, rows, longest)
     inputs, targets = window[:, :-1].copy(), window[:, 1:].copy()
     targets[inputs == PAD] = PAD  # no target for positions before the sequence starts
     return NextItemBatch(inputs=inputs, targets=targets)

@@ -24,6 +24,7 @@ support loss (at theta); the target's learn from the weighted query losses.
 from __future__ import annotations
 
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,6 +53,9 @@ class MetaConfig(StrictModel):
     )
     temperature: float = Field(1.0, gt=0, description="softmax temperature over similarities")
     weighting: Literal["similarity", "uniform"] = "similarity"
+    source_gradient_weight: float = Field(
+        0.0, ge=0, description="also apply each source's mean support gradient, weighted like its meta-gradient"
+    )
 
 
 @dataclass
@@ -187,6 +191,21 @@ def task_weights(similarities: torch.Tensor, config: MetaConfig) -> torch.Tensor
     return torch.softmax(similarities / config.temperature, dim=0)
 
 
+def task_update(result: TaskResult, config: MetaConfig) -> TaskResult:
+    """The task's contribution to theta: g_i, plus lambda times its mean support gradient.
+
+    With ``source_gradient_weight`` (lambda) > 0 the sources also train theta
+    directly, each in proportion to its similarity weight, so the target still
+    decides how much of each source is taken. The mean support gradient along
+    the inner path is -(phi_i - theta) / (K * inner_lr).
+    """
+    if config.source_gradient_weight == 0:
+        return result
+    scale = config.source_gradient_weight / (config.inner_steps * config.inner_lr)
+    update = {name: g - scale * result.adaptation[name] for name, g in result.meta_gradient.items()}
+    return dataclasses.replace(result, meta_gradient=update)
+
+
 def combine(gradients: list[Params], weights: torch.Tensor) -> Params:
     """sum_i w_i g_i, per tensor (a sum over tasks, never an average over workers)."""
     names = gradients[0].keys()
@@ -219,7 +238,7 @@ def meta_step(
     results = [run_task(model, target, task, config, inner_lrs) for task in tasks]
     similarities = [task_similarity(r.adaptation, r.meta_gradient, config) for r in results]
     weights = task_weights(torch.tensor(similarities), config)
-    apply_gradients(model, results, weights, inner_lrs or [])
+    apply_gradients(model, [task_update(r, config) for r in results], weights, inner_lrs or [])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return MetaStepLog(

@@ -8,10 +8,13 @@ left-padded, so position L-1 is every user's latest event.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metarec_dist.config import StrictModel
 
@@ -20,7 +23,8 @@ class EncoderConfig(StrictModel):
     layers: int = Field(2, ge=1)
     heads: int = Field(2, ge=1)
     max_length: int = Field(50, ge=2, description="most recent events read per user")
-    dropout: float = Field(0.2, ge=0, lt=1)
+    dropout: float = Field(0.2, ge=0, lt=1, description="on embeddings and block outputs")
+    attention_dropout: float = Field(0.0, ge=0, lt=1, description="on attention weights")
     ffn_multiplier: int = Field(4, ge=1, description="feed-forward width = multiplier * model width")
 
 
@@ -35,6 +39,21 @@ def attention_mask(padding: torch.Tensor) -> torch.Tensor:
     allowed = causal & ~padding[:, None, :]  # [B, L, L]
     allowed |= torch.eye(length, dtype=torch.bool, device=padding.device)
     return allowed[:, None]
+
+
+class Dropout(nn.Module):
+    """Inverted dropout through a uniform mask: nn.Dropout's semantics, about 2.7x
+    faster on CPU, where torch's bernoulli sampling dominated the training step."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand_like(x) >= self.p
+        return x * keep / (1 - self.p)
 
 
 class CausalSelfAttention(nn.Module):
@@ -52,9 +71,12 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(width, dim=-1)
         # [B, L, D] -> [B, heads, L, D/heads]
         q, k, v = (t.view(batch, length, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        # On CPU the math kernel is the fast one at these sizes (the flash kernel's
+        # bf16 backward measured 27 ms a call) and the one with a double backward.
+        with sdpa_kernel([SDPBackend.MATH]) if x.device.type == "cpu" else nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.out(y.transpose(1, 2).reshape(batch, length, width))  # [B, L, D]
 
 
@@ -64,15 +86,15 @@ class Block(nn.Module):
     def __init__(self, width: int, config: EncoderConfig):
         super().__init__()
         self.ln_attention = nn.LayerNorm(width)
-        self.attention = CausalSelfAttention(width, config.heads, config.dropout)
+        self.attention = CausalSelfAttention(width, config.heads, config.attention_dropout)
         self.ln_mlp = nn.LayerNorm(width)
         self.mlp = nn.Sequential(
             nn.Linear(width, config.ffn_multiplier * width),
             nn.GELU(),
             nn.Linear(config.ffn_multiplier * width, width),
-            nn.Dropout(config.dropout),
+            Dropout(config.dropout),
         )
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attention(self.ln_attention(x), mask))
@@ -84,7 +106,7 @@ class SequenceEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.position = nn.Embedding(config.max_length, width)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(width, config) for _ in range(config.layers))
         self.ln_final = nn.LayerNorm(width)
         self.apply(_init_weights)
