@@ -2,7 +2,7 @@
 
 import torch
 
-from metarec_dist.model.vq import ProductQuantizer, VQConfig, nearest_codewords
+from metarec_dist.model.vq import VectorQuantizer, VQConfig, nearest_codewords
 
 
 def brute_force_codes(z, codebooks):
@@ -18,7 +18,7 @@ def brute_force_codes(z, codebooks):
 
 def test_assignment_equals_brute_force_nearest_codeword_search():
     torch.manual_seed(0)
-    quantizer = ProductQuantizer(VQConfig(num_codebooks=3, codewords=10), width=12)
+    quantizer = VectorQuantizer(VQConfig(num_codebooks=3, codewords=10), width=12)
     z = torch.randn(50, 12)
     out = quantizer(z)
     assert torch.equal(out.codes, brute_force_codes(z, quantizer.codebooks.detach()))
@@ -27,7 +27,7 @@ def test_assignment_equals_brute_force_nearest_codeword_search():
 
 def test_quantized_output_is_the_lookup_of_its_codes():
     torch.manual_seed(1)
-    quantizer = ProductQuantizer(VQConfig(num_codebooks=2, codewords=5), width=8)
+    quantizer = VectorQuantizer(VQConfig(num_codebooks=2, codewords=5), width=8)
     out = quantizer(torch.randn(7, 3, 8))
     books = quantizer.codebooks.detach()
     lookup = torch.stack([books[b][out.codes[..., b]] for b in range(2)], dim=-2).reshape(7, 3, 8)
@@ -36,7 +36,7 @@ def test_quantized_output_is_the_lookup_of_its_codes():
 
 def test_straight_through_passes_gradients_to_the_input_and_losses_to_the_codebook():
     torch.manual_seed(2)
-    quantizer = ProductQuantizer(VQConfig(num_codebooks=2, codewords=4, commitment=0.5), width=6)
+    quantizer = VectorQuantizer(VQConfig(num_codebooks=2, codewords=4, commitment=0.5), width=6)
     z = torch.randn(5, 6, requires_grad=True)
     out = quantizer(z)
     (out.vectors * torch.arange(6.0)).sum().backward(retain_graph=True)
@@ -49,7 +49,7 @@ def test_straight_through_passes_gradients_to_the_input_and_losses_to_the_codebo
 
 
 def test_health_reports_perplexity_and_dead_codes():
-    quantizer = ProductQuantizer(VQConfig(num_codebooks=1, codewords=4), width=2)
+    quantizer = VectorQuantizer(VQConfig(num_codebooks=1, codewords=4), width=2)
     with torch.no_grad():
         quantizer.codebooks.copy_(torch.tensor([[[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [50.0, 50.0]]]))
     quantizer.train()
@@ -61,7 +61,7 @@ def test_health_reports_perplexity_and_dead_codes():
 
 
 def test_dead_codewords_are_reinitialised_from_recent_inputs():
-    quantizer = ProductQuantizer(VQConfig(num_codebooks=1, codewords=3), width=2)
+    quantizer = VectorQuantizer(VQConfig(num_codebooks=1, codewords=3), width=2)
     with torch.no_grad():
         quantizer.codebooks.copy_(torch.tensor([[[0.0, 0.0], [100.0, 100.0], [-100.0, 100.0]]]))
     quantizer.train()
@@ -73,3 +73,39 @@ def test_dead_codewords_are_reinitialised_from_recent_inputs():
         assert any(torch.equal(quantizer.codebooks.detach()[0, code], row) for row in inputs)
     assert torch.equal(quantizer.codebooks.detach()[0, 0], torch.zeros(2))  # the live code is kept
     assert quantizer.usage.sum() == 0
+
+
+def brute_force_residual(z, codebooks):
+    codes, residual = [], z.clone()
+    for book in codebooks:
+        distances = ((residual[:, None, :] - book[None]) ** 2).sum(-1)
+        code = distances.argmin(dim=1)
+        codes.append(code)
+        residual = residual - book[code]
+    return torch.stack(codes, dim=1), z - residual
+
+
+def test_residual_assignment_equals_greedy_brute_force_and_sums_its_codewords():
+    torch.manual_seed(3)
+    quantizer = VectorQuantizer(VQConfig(kind="residual", num_codebooks=3, codewords=8), width=5)
+    z = torch.randn(40, 5) * 0.3
+    out = quantizer(z)
+    codes, quantized = brute_force_residual(z, quantizer.codebooks.detach())
+    assert torch.equal(out.codes, codes)
+    assert torch.allclose(out.vectors, quantized, atol=1e-6)
+
+
+def test_more_residual_levels_approximate_closer():
+    torch.manual_seed(4)
+    z = torch.randn(256, 8)
+    errors = []
+    for levels in (1, 2, 4):
+        quantizer = VectorQuantizer(VQConfig(kind="residual", num_codebooks=levels, codewords=16), width=8)
+        with torch.no_grad():  # data-initialised codebooks: level l from residuals of level l-1
+            residual = z.clone()
+            for level in range(levels):
+                quantizer.codebooks[level] = residual[torch.randperm(256)[:16]]
+                _, approx = brute_force_residual(z, quantizer.codebooks[: level + 1])
+                residual = z - approx
+        errors.append(float((quantizer(z).vectors - z).pow(2).mean()))
+    assert errors[0] > errors[1] > errors[2]

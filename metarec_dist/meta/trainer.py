@@ -220,8 +220,8 @@ class Trainer:
         bar = tqdm(range(1, train.steps + 1), desc=self.config.method, disable=not self.progress)
         for step in bar:
             losses.append(main_step(step))
-            self._maybe_reinit_codes(step)
             if step % train.eval_every and step != train.steps:
+                self._maybe_reinit_codes(step)
                 continue
             valid = self.evaluate("valid")
             metric = valid[train.selection_metric]
@@ -234,6 +234,7 @@ class Trainer:
             }
             history.append(entry)
             losses.clear()
+            self._maybe_reinit_codes(step)  # after the health numbers were read
             log.info("step %d loss %.4f valid %s %.4f", step, entry["train_loss"], train.selection_metric, metric)
             bar.set_postfix(loss=f"{entry['train_loss']:.3f}", valid=f"{metric:.4f}")
             if metric > best:

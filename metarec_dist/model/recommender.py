@@ -22,7 +22,7 @@ from torch import nn
 
 from metarec_dist.config import StrictModel
 from metarec_dist.model.encoder import EncoderConfig, SequenceEncoder
-from metarec_dist.model.vq import ProductQuantizer, VQConfig
+from metarec_dist.model.vq import VectorQuantizer, VQConfig
 
 PAD = 0
 SHARED_PREFIXES = ("encoder.", "quantizer.")
@@ -84,7 +84,7 @@ class SequenceRecommender(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = SequenceEncoder(config.width, config.encoder)
-        self.quantizer = ProductQuantizer(config.vq, config.width) if config.use_vq else None
+        self.quantizer = VectorQuantizer(config.vq, config.width) if config.use_vq else None
         keys = [module_key(name) for name in catalogs]
         if len(set(keys)) != len(keys):
             raise ValueError(f"domain names collide once '.' becomes '-': {sorted(catalogs)}")

@@ -1,23 +1,32 @@
-"""Product vector quantization: the shared item space every domain maps into.
+"""Vector quantization: the shared item space every domain maps into.
 
-A vector z of width ``num_codebooks * code_width`` is cut into
-``num_codebooks`` sub-vectors; sub-vector m is replaced by its nearest (L2)
-codeword in codebook m. The quantized item is the concatenation of its
-codewords, so all domains speak one vocabulary of ``codewords ** codebooks``
-combinations while the codebooks themselves stay small (and shardable by
-codebook across workers).
+Two kinds (``VQConfig.kind``), both built from ``num_codebooks`` codebooks of
+``codewords`` entries:
 
-Training: straight-through gradients (the forward value is the codeword, the
-backward passes to z unchanged), a codebook loss pulling codewords to their
-sub-vectors and a commitment loss (weight ``commitment``) pulling sub-vectors
-to their codewords, as in VQ-VAE. Codebook health is tracked from assignment
-counts: perplexity and dead codes, which ``reinit_dead_codes`` replaces with
-recently seen sub-vectors at step boundaries (never inside ``forward``).
+- ``product`` (default): z of width D is cut into M sub-vectors of width D/M;
+  sub-vector m is replaced by its nearest (L2) codeword in codebook m, and the
+  quantized item is their concatenation;
+- ``residual``: codebook 1 quantizes z, codebook 2 what is left
+  (z - c_1), and so on; the quantized item is the sum c_1 + ... + c_M, which
+  approximates z more closely with every level (codewords are full width D).
+
+Either way all domains speak one vocabulary of ``codewords ** codebooks``
+combinations while the codebooks stay small, and shardable by codebook across
+workers.
+
+Training: straight-through gradients (the forward value is the quantized
+vector, the backward passes to z unchanged), a codebook loss pulling each
+codeword to what it quantized and a commitment loss (weight ``commitment``)
+pulling z to its quantized vector, as in VQ-VAE. Codebook health is tracked
+from assignment counts: perplexity and dead codes, which ``reinit_dead_codes``
+replaces with recently quantized vectors at step boundaries (never inside
+``forward``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -29,7 +38,8 @@ from metarec_dist.config import StrictModel
 class VQConfig(StrictModel):
     """The codebook; its total width is the model's shared width (``ModelConfig.width``)."""
 
-    num_codebooks: int = Field(4, ge=1, description="sub-spaces (product quantization)")
+    kind: Literal["product", "residual"] = "product"
+    num_codebooks: int = Field(4, ge=1, description="sub-spaces (product) or levels (residual)")
     codewords: int = Field(64, ge=2, description="codewords per codebook")
     commitment: float = Field(0.25, ge=0, description="weight of the commitment loss")
     dead_code_threshold: float = Field(
@@ -54,45 +64,61 @@ def nearest_codewords(sub_vectors: torch.Tensor, codebooks: torch.Tensor) -> tor
     return distances.argmin(dim=-1)
 
 
-class ProductQuantizer(nn.Module):
+class VectorQuantizer(nn.Module):
     def __init__(self, config: VQConfig, width: int):
         super().__init__()
-        if width % config.num_codebooks:
+        if config.kind == "product" and width % config.num_codebooks:
             raise ValueError(f"width {width} is not divisible by num_codebooks {config.num_codebooks}")
         self.config = config
         self.width = width
-        self.code_width = width // config.num_codebooks
+        self.code_width = width // config.num_codebooks if config.kind == "product" else width
         self.codebooks = nn.Parameter(torch.randn(config.num_codebooks, config.codewords, self.code_width) * 0.1)
         # Health statistics: buffers, not parameters (no gradients, not meta-learned).
         self.register_buffer("usage", torch.zeros(config.num_codebooks, config.codewords), persistent=False)
         self._recent: torch.Tensor | None = None
 
     def forward(self, z: torch.Tensor) -> Quantized:
-        """Quantize z [..., D] (D = num_codebooks * code_width)."""
-        codebooks, config = self.codebooks, self.config
+        """Quantize z [..., D]."""
         lead = z.shape[:-1]
-        sub = z.reshape(-1, config.num_codebooks, self.code_width)  # [n, M, d]
-        with torch.no_grad():
-            codes = nearest_codewords(sub.detach().float(), codebooks.detach().float())  # [n, M]
-        book = torch.arange(config.num_codebooks, device=z.device).unsqueeze(0)  # [1, M]
-        chosen = codebooks[book, codes]  # [n, M, d]
-        codebook_loss = (chosen - sub.detach()).pow(2).mean()
-        commitment_loss = (sub - chosen.detach()).pow(2).mean()
-        straight_through = sub + (chosen - sub).detach()
+        flat = z.reshape(-1, self.width)  # [n, D]
+        if self.config.kind == "product":
+            quantized_part = flat.reshape(-1, self.config.num_codebooks, self.code_width)  # [n, M, d]
+            with torch.no_grad():
+                codes = nearest_codewords(quantized_part.detach().float(), self.codebooks.detach().float())
+        else:
+            quantized_part, codes = self._residual_levels(flat.detach())  # [n, M, D], [n, M]
+        book = torch.arange(self.config.num_codebooks, device=z.device).unsqueeze(0)  # [1, M]
+        chosen = self.codebooks[book, codes]  # [n, M, d]
+        quantized = chosen.reshape(-1, self.width) if self.config.kind == "product" else chosen.sum(dim=1)
+        codebook_loss = (chosen - quantized_part.detach()).pow(2).mean()
+        commitment_loss = (flat - quantized.detach()).pow(2).mean()
         if self.training:
-            self._record(codes, sub.detach())
+            self._record(codes, quantized_part.detach())
         return Quantized(
-            vectors=straight_through.reshape(*lead, self.width),
-            codes=codes.reshape(*lead, config.num_codebooks),
-            loss=codebook_loss + config.commitment * commitment_loss,
+            vectors=(flat + (quantized - flat).detach()).reshape(*lead, self.width),
+            codes=codes.reshape(*lead, self.config.num_codebooks),
+            loss=codebook_loss + self.config.commitment * commitment_loss,
         )
+
+    @torch.no_grad()
+    def _residual_levels(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy residual assignment: what each level quantized [n, M, D] and its codes [n, M]."""
+        residual = flat.float()
+        levels, codes = [], []
+        for level in range(self.config.num_codebooks):
+            book = self.codebooks[level : level + 1].detach().float()  # [1, K, D]
+            code = nearest_codewords(residual.unsqueeze(1), book)[:, 0]  # [n]
+            levels.append(residual)
+            codes.append(code)
+            residual = residual - book[0, code]
+        return torch.stack(levels, dim=1).to(flat.dtype), torch.stack(codes, dim=1)
 
     @torch.no_grad()
     def _record(self, codes: torch.Tensor, sub: torch.Tensor) -> None:
         counts = torch.zeros_like(self.usage)
         counts.scatter_add_(1, codes.t(), torch.ones_like(codes.t(), dtype=counts.dtype))
         self.usage += counts
-        self._recent = sub[-4096:].float()  # candidates for re-initialising dead codes
+        self._recent = sub[-4096:].float()  # what each codebook quantized: candidates for dead codes
 
     @torch.no_grad()
     def health(self) -> dict[str, float]:
