@@ -17,16 +17,10 @@ PAD = 0
 
 def left_padded(view: SequenceView, rows: np.ndarray, length: int) -> np.ndarray:
     """``[len(rows), length]`` int64: each row's last ``length`` items, right-aligned."""
-    rows = np.asarray(rows, dtype=np.int64)
-    ends = view.ends[rows]
-    starts = np.maximum(view.starts[rows], ends - length)
-    counts = ends - starts
+    row_index, position, items = view.flat_rows(rows, last=length)
+    counts = np.bincount(row_index, minlength=len(rows))
     out = np.zeros((len(rows), length), dtype=np.int64)
-    # Column of each copied item: right-aligned, so a row of n items fills the last n columns.
-    row_index = np.repeat(np.arange(len(rows)), counts)
-    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    column = length - np.repeat(counts, counts) + within
-    out[row_index, column] = view.values[np.repeat(starts, counts) + within]
+    out[row_index, length - counts[row_index] + position] = items  # right-aligned
     return out
 
 

@@ -35,3 +35,19 @@ class SequenceView:
 
     def nonempty_rows(self) -> np.ndarray:
         return np.flatnonzero(self.ends > self.starts)
+
+    def flat_rows(self, rows: np.ndarray, last: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The items of ``rows`` (each cut to its ``last`` items), flattened, without a Python loop.
+
+        Returns ``(row_index, position, items)``: for every item, the index into
+        ``rows`` it belongs to, its position within that row's (cut) sequence, and
+        the item id.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        ends = self.ends[rows]
+        starts = self.starts[rows] if last is None else np.maximum(self.starts[rows], ends - last)
+        counts = ends - starts
+        row_index = np.repeat(np.arange(len(rows)), counts)
+        position = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        return row_index, position, self.values[starts[row_index] + position]
+

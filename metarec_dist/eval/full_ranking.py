@@ -68,15 +68,12 @@ def history_exclusion(
     With ``allow_repeats`` the row's own target is cleared, so a re-consumed
     item stays rankable; otherwise it stays excluded and the user is a miss.
     """
-    rows = np.asarray(rows, dtype=np.int64)
-    starts, ends = histories.starts[rows], histories.ends[rows]
-    counts = ends - starts
-    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    items = histories.values[np.repeat(starts, counts) + within].astype(np.int64)
+    row_index, _, items = histories.flat_rows(rows)
+    items = items.astype(np.int64)
     if len(items) and (items.min() < 1 or items.max() > num_items):
         raise ValueError(f"history contains item ids outside 1..{num_items}; is num_items the domain's item count?")
     mask = np.zeros((len(rows), num_items + 1), dtype=bool)
-    mask[np.repeat(np.arange(len(rows)), counts), items] = True
+    mask[row_index, items] = True
     if allow_repeats:
         mask[np.arange(len(rows)), targets] = False
     return mask
