@@ -12,11 +12,9 @@ ratio and writes JSON with the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from metarec_dist.config import load_config
 from metarec_dist.meta.config import RunConfig
 from metarec_dist.meta.trainer import Trainer, load_training_data
+from metarec_dist.report.run_directory import write_json
 from metarec_dist.report.tables import format_table
 
 
@@ -80,11 +79,8 @@ def main() -> None:
     print(f"bf16 / fp32 step time: {bf16['step_ms'] / fp32['step_ms']:.2f}; "
           f"validation: {bf16['eval_s'] / fp32['eval_s']:.2f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=args.output.parent, prefix=".train_step.")
-    with os.fdopen(handle, "w") as stream:
-        json.dump({"machine": machine, "config": str(args.config), "overrides": args.overrides,
-                   "steps_per_block": args.steps, "results": rows}, stream, indent=1)
-    os.replace(temporary, args.output)
+    write_json(args.output, {"machine": machine, "config": str(args.config), "overrides": args.overrides,
+                             "steps_per_block": args.steps, "results": rows})
     print(f"wrote {args.output}")
 
 

@@ -16,17 +16,16 @@ on the full target data).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 from metarec_dist.config import load_config
 from metarec_dist.meta.config import RunConfig
 from metarec_dist.meta.trainer import Trainer, load_training_data
+from metarec_dist.report.run_directory import write_json
 from metarec_dist.report.tables import format_table
 
 METRICS = ("NDCG@10", "HR@10", "NDCG@20", "HR@20", "MRR")
@@ -92,11 +91,7 @@ def main() -> None:
     print(f"total {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores ({platform.processor() or 'cpu'})")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"config": str(args.config), "overrides": args.overrides, "table": rows, "runs": records}
-        handle, temporary = tempfile.mkstemp(dir=args.output.parent, prefix=".compare.")
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=1)
-        os.replace(temporary, args.output)
+        write_json(args.output, {"config": str(args.config), "overrides": args.overrides, "table": rows, "runs": records})
         print(f"wrote {args.output}")
 
 

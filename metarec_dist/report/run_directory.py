@@ -41,12 +41,17 @@ def create_run_dir(output_dir: Path, label: str) -> Path:
     raise StoreError(f"{output_dir}: too many runs named {stamp}-{safe_label}; try again")
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _write_atomic(path: Path, write) -> None:
     """Write through a temporary file in the same directory, then rename over ``path``."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
