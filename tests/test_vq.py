@@ -109,3 +109,18 @@ def test_more_residual_levels_approximate_closer():
                 residual = z - approx
         errors.append(float((quantizer(z).vectors - z).pow(2).mean()))
     assert errors[0] > errors[1] > errors[2]
+
+
+def test_data_initialisation_places_every_codeword_on_a_quantized_vector():
+    torch.manual_seed(5)
+    z = torch.randn(100, 8) * 3 + 10  # far from the random initial codebook
+    for kind in ("product", "residual"):
+        quantizer = VectorQuantizer(VQConfig(kind=kind, num_codebooks=2, codewords=16), width=8)
+        quantizer.initialize_from(z, torch.Generator().manual_seed(0))
+        books = quantizer.codebooks.detach()
+        first_level = z[:, :4] if kind == "product" else z
+        for codeword in books[0]:
+            assert (first_level - codeword).abs().sum(dim=1).min() < 1e-5
+        quantizer.train()
+        quantizer(z)
+        assert quantizer.health()["dead_fraction"] < 0.5

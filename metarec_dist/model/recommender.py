@@ -55,6 +55,8 @@ class DomainItems(nn.Module):
         super().__init__()
         self.num_items = num_items
         self.embedding = nn.Embedding(num_items + 1, width, padding_idx=PAD)
+        # Through an adapter, tables start at unit-scale rows (1/sqrt(width) per entry) so
+        # quantization has distinct vectors to tell apart; id tables as in SASRec (0.02).
         nn.init.normal_(self.embedding.weight, std=0.02 if not adapter else 1.0 / width**0.5)
         self.adapter = nn.Linear(width, shared_width) if adapter else None
 
@@ -99,6 +101,15 @@ class SequenceRecommender(nn.Module):
                 for name, num_items in catalogs.items()
             }
         )
+        self.initialize_codebook()
+
+    @torch.no_grad()
+    def initialize_codebook(self, generator: torch.Generator | None = None) -> None:
+        """Seed the codebook from every domain's item vectors (``vq.init: data``); done at construction."""
+        if self.quantizer is None or self.config.vq.init != "data":
+            return
+        vectors = torch.cat([items()[1:] for items in self.domains.values()])
+        self.quantizer.initialize_from(vectors, generator)
 
     # --- parameter groups -------------------------------------------------------
 

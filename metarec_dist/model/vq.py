@@ -42,6 +42,9 @@ class VQConfig(StrictModel):
     num_codebooks: int = Field(4, ge=1, description="sub-spaces (product) or levels (residual)")
     codewords: int = Field(64, ge=2, description="codewords per codebook")
     commitment: float = Field(0.25, ge=0, description="weight of the commitment loss")
+    init: Literal["random", "data"] = Field(
+        "random", description="data: codewords start as samples of the items' vectors (initialize_from)"
+    )
     dead_code_threshold: float = Field(
         0.0, ge=0, description="a codeword used at most this often since the last check is dead"
     )
@@ -99,6 +102,31 @@ class VectorQuantizer(nn.Module):
             codes=codes.reshape(*lead, self.config.num_codebooks),
             loss=codebook_loss + self.config.commitment * commitment_loss,
         )
+
+    @torch.no_grad()
+    def initialize_from(self, vectors: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Codewords := random samples of what each codebook will quantize (k-means-style seeding).
+
+        Random codewords far from the data leave most of them unused from the
+        first step on; seeding from the vectors starts every codeword where items are.
+        """
+        flat = vectors.detach().reshape(-1, self.width).float()
+        residual = flat
+        for level in range(self.config.num_codebooks):
+            if self.config.kind == "product":
+                pool = flat[:, level * self.code_width : (level + 1) * self.code_width]
+            else:
+                pool = residual
+            replace = len(pool) < self.config.codewords
+            pick = (
+                torch.randint(len(pool), (self.config.codewords,), generator=generator)
+                if replace
+                else torch.randperm(len(pool), generator=generator)[: self.config.codewords]
+            )
+            self.codebooks[level] = pool[pick].to(self.codebooks.dtype)
+            if self.config.kind == "residual":
+                codes = nearest_codewords(residual.unsqueeze(1), self.codebooks[level : level + 1].float())[:, 0]
+                residual = residual - self.codebooks[level, codes].float()
 
     @torch.no_grad()
     def _residual_levels(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
