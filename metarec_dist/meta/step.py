@@ -101,7 +101,7 @@ def run_task(
     second_order = config.order == "second"
     rates = inner_lrs or []
 
-    # The math SDPA kernel has the double-backward that second order needs on CPU.
+    # Only the math attention kernel has the double backward that second order needs.
     with sdpa_kernel([SDPBackend.MATH]) if second_order else nullcontext():
         fast = dict(theta)
         source_local_gradient: Params = {}
@@ -264,5 +264,6 @@ def apply_gradients(
     for name, gradient in weighted.items():
         parameters[name].grad = gradient.to(parameters[name].dtype)
     if inner_lrs:
-        for rate, gradient in zip(inner_lrs, combine([dict(enumerate(r.inner_lr_gradient)) for r in results], weights).values()):
-            rate.grad = gradient
+        rate_gradients = combine([dict(enumerate(r.inner_lr_gradient)) for r in results], weights)
+        for index, rate in enumerate(inner_lrs):
+            rate.grad = rate_gradients[index]

@@ -223,6 +223,7 @@ class Trainer:
             if step % train.eval_every and step != train.steps:
                 self._maybe_reinit_codes(step)
                 continue
+            # A validation step: read the codebook's health before dead codes are replaced.
             valid = self.evaluate("valid")
             metric = valid[train.selection_metric]
             entry = {
@@ -234,7 +235,7 @@ class Trainer:
             }
             history.append(entry)
             losses.clear()
-            self._maybe_reinit_codes(step)  # after the health numbers were read
+            self._maybe_reinit_codes(step)
             log.info("step %d loss %.4f valid %s %.4f", step, entry["train_loss"], train.selection_metric, metric)
             bar.set_postfix(loss=f"{entry['train_loss']:.3f}", valid=f"{metric:.4f}")
             if metric > best:
