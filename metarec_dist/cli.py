@@ -100,7 +100,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     package_log.setLevel(logging.INFO)
     try:
         print(f"run directory: {run_dir}", file=sys.stderr)
-        outcome = Trainer(config, data, progress=sys.stderr.isatty()).run()
+        if config.runner.workers == 1:
+            outcome = Trainer(config, data, progress=sys.stderr.isatty()).run()
+        else:
+            from metarec_dist.dist.runner import train_distributed
+
+            print(f"training on {config.runner.workers} Ray Train workers", file=sys.stderr)
+            outcome = train_distributed(config, run_dir / "ray")
         save_state(run_dir / "model.pt", outcome.best_state)
         write_json(run_dir / "results.json", outcome.results)
     finally:

@@ -2,8 +2,10 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from metarec_dist.data.store import DomainStore
+from metarec_dist.data.synthetic import SyntheticConfig, generate_store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The real data sets live beside the repository (../shared/data), never inside it.
@@ -20,3 +22,43 @@ def shared_data() -> Path:
 @pytest.fixture
 def store(tmp_path) -> DomainStore:
     return DomainStore(tmp_path / "store")
+
+
+# Small synthetic domains and a tiny run config for end-to-end training tests.
+SOURCES = ["syn-related-00", "syn-unrelated-00", "syn-noise-00"]
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory):
+    from metarec_dist.data.store import DomainStore
+
+    store = DomainStore(tmp_path_factory.mktemp("synthetic") / "store")
+    generate_store(
+        SyntheticConfig(related_sources=1, unrelated_sources=1, noise_sources=1, target_users=300,
+                        target_items=200, source_users=(200, 300), source_items=(100, 200)),
+        store,
+    )
+    return store
+
+
+def write_config(tmp_path, store, **overrides):
+    config = {
+        "method": "metarec",
+        "data": {"store": str(store.root), "target": "syn-target", "sources": SOURCES,
+                 "limited_target_fraction": 0.5},
+        "model": {"width": 16, "item_width": 8, "vq": {"num_codebooks": 2, "codewords": 8},
+                  "encoder": {"layers": 1, "heads": 2, "max_length": 10, "dropout": 0.0}},
+        "meta": {"tasks_per_step": 2, "inner_lr": 0.1},
+        "train": {"steps": 6, "batch_size": 16, "eval_every": 3, "learning_rate": 0.003},
+        "runner": {"workers": 1},  # in this process; tests/test_distributed.py runs Ray workers
+        "output_dir": str(tmp_path / "runs"),
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if name:
+            config[section][name] = value
+        else:
+            config[section] = value
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

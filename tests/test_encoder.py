@@ -63,7 +63,8 @@ def test_encoder_reads_only_quantized_vectors():
     recommender = model()
     tables = recommender.item_tables("a")
     codes = recommender.quantizer(recommender.domains["a"]()[1:]).codes
-    assert torch.allclose(tables.inputs[1:], recommender.quantizer.codebooks[[0, 1], codes].reshape(30, 16))
+    # Straight-through: z + (q - z) equals q up to rounding.
+    assert torch.allclose(tables.inputs[1:], recommender.quantizer.codebooks[[0, 1], codes].reshape(30, 16), atol=1e-6)
     assert torch.equal(tables.inputs[0], torch.zeros(16))
 
 
@@ -84,7 +85,7 @@ def test_training_reduces_the_loss(overrides):
     targets = (inputs % 20) + 1  # a learnable next-item rule
     optimizer = torch.optim.Adam(recommender.parameters(), lr=1e-2)
     first = None
-    for _ in range(60):
+    for _ in range(100):
         loss = recommender("t", inputs, targets).loss
         first = first if first is not None else loss.item()
         optimizer.zero_grad()

@@ -9,48 +9,11 @@ import yaml
 
 from metarec_dist.cli import main
 from metarec_dist.config import load_config
-from metarec_dist.data.synthetic import SyntheticConfig, generate_store
-from metarec_dist.errors import ConfigError
 from metarec_dist.meta.config import RunConfig
 from metarec_dist.meta.trainer import Trainer, load_training_data
 from metarec_dist.report.run_directory import load_state
 
-SOURCES = ["syn-related-00", "syn-unrelated-00", "syn-noise-00"]
-
-
-@pytest.fixture(scope="module")
-def synthetic_store(tmp_path_factory):
-    from metarec_dist.data.store import DomainStore
-
-    store = DomainStore(tmp_path_factory.mktemp("synthetic") / "store")
-    generate_store(
-        SyntheticConfig(related_sources=1, unrelated_sources=1, noise_sources=1, target_users=300,
-                        target_items=200, source_users=(200, 300), source_items=(100, 200)),
-        store,
-    )
-    return store
-
-
-def write_config(tmp_path, store, **overrides):
-    config = {
-        "method": "metarec",
-        "data": {"store": str(store.root), "target": "syn-target", "sources": SOURCES,
-                 "limited_target_fraction": 0.5},
-        "model": {"width": 16, "item_width": 8, "vq": {"num_codebooks": 2, "codewords": 8},
-                  "encoder": {"layers": 1, "heads": 2, "max_length": 10, "dropout": 0.0}},
-        "meta": {"tasks_per_step": 2, "inner_lr": 0.1},
-        "train": {"steps": 6, "batch_size": 16, "eval_every": 3, "learning_rate": 0.003},
-        "output_dir": str(tmp_path / "runs"),
-    }
-    for key, value in overrides.items():
-        section, _, name = key.partition(".")
-        if name:
-            config[section][name] = value
-        else:
-            config[section] = value
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+from conftest import SOURCES, write_config
 
 
 @pytest.mark.parametrize("method", ["metarec", "uniform", "joint", "target_only"])

@@ -37,6 +37,20 @@ class TrainConfig(StrictModel):
     threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
 
 
+class RunnerConfig(StrictModel):
+    """Where the run executes (read by ``metarec_dist.dist``; plain data here so the config is one tree)."""
+
+    workers: int = Field(2, ge=1, description="Ray Train workers; 1 trains in this process, without Ray")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPUs when the cluster has them")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker")
+    address: str | None = Field(None, description="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    storage_path: Path | None = Field(
+        None, description="where Ray Train keeps reports and checkpoints (default: inside the run directory); "
+        "on a multi-node cluster, storage every node can see"
+    )
+    collective_timeout_s: int = Field(300, ge=10, description="a collective one worker never reaches fails after this")
+
+
 class RunConfig(StrictModel):
     method: Literal["metarec", "uniform", "joint", "target_only"] = "metarec"
     data: DataConfig
@@ -44,6 +58,7 @@ class RunConfig(StrictModel):
     meta: MetaConfig = MetaConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    runner: RunnerConfig = RunnerConfig()
     output_dir: Path = Field(Path("runs"), description="run directories are created inside")
 
     @model_validator(mode="after")

@@ -15,7 +15,9 @@ For shared parameters theta (encoder, codebook) and a batch of source tasks:
 
 Steps 3-5 are pure functions of tensors, so the distributed runner can
 compute s_i where the task ran, gather all s, take the softmax globally and
-reduce the weighted sums, and get the same update.
+reduce the weighted sums, and get the same update: ``meta_step`` takes a
+``Collective`` (one process: ``LocalCollective``; Ray workers: the
+torch.distributed one in ``metarec_dist.dist``) and is the same code either way.
 
 Domain-local parameters: a source's item table and adapter learn from its own
 support loss (at theta); the target's learn from the weighted query losses.
@@ -26,7 +28,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import Field
@@ -212,7 +214,65 @@ def combine(gradients: list[Params], weights: torch.Tensor) -> Params:
     return {name: sum(float(w) * g[name] for w, g in zip(weights, gradients)) for name in names}
 
 
-# --- one meta-step in one process ---------------------------------------------------
+# --- the processes a meta-step spans ------------------------------------------------
+
+
+class Collective(Protocol):
+    """What a meta-step needs from the processes it spans (explicit calls, never in ``forward``)."""
+
+    rank: int
+    world_size: int
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        """Every process's ``value``, in rank order."""
+
+    def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor, in place, by its sum over processes."""
+
+    def broadcast_object(self, value: Any, source: int = 0) -> Any:
+        """``value`` from rank ``source``, on every process."""
+
+
+class LocalCollective:
+    """One process: gathering and reducing are the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        return [value]
+
+    def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:
+        return None
+
+    def broadcast_object(self, value: Any, source: int = 0) -> Any:
+        return value
+
+
+LOCAL = LocalCollective()
+
+
+def reduced_names(model: SequenceRecommender, target: str) -> list[str]:
+    """Parameters every process holds and updates identically: theta and the target's own."""
+    return model.shared_names() + model.local_names(target)
+
+
+def sum_gradients(parameters: list[torch.Tensor], collective: Collective) -> None:
+    """Sum ``.grad`` over processes in one flat all-reduce (a missing gradient counts as zero)."""
+    if collective.world_size == 1:
+        return
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in parameters])
+    collective.all_reduce_sum_([flat])
+    offset = 0
+    for p in parameters:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+# --- one meta-step ----------------------------------------------------------------------
 
 
 @dataclass
@@ -231,22 +291,44 @@ def meta_step(
     tasks: list[TaskBatch],
     config: MetaConfig,
     inner_lrs: list[torch.Tensor] | None = None,
+    collective: Collective = LOCAL,
 ) -> MetaStepLog:
-    """Run every task, weight them, and apply one optimizer step to all parameters."""
-    if len({task.source for task in tasks}) != len(tasks):
-        raise ValueError("a meta-step's tasks must come from distinct sources")
+    """Run this process's tasks, weight all tasks globally, apply one summed update.
+
+    Across processes: every process runs its own tasks and their similarities;
+    the similarities of all tasks are gathered and the softmax taken over all
+    of them; each process sets the gradients of its tasks weighted by their
+    global weights, and one all-reduce sums them (a sum over tasks, not an
+    average over processes), so every process applies the same step to theta
+    and the target's parameters, equal to one process running every task.
+    A source's own parameters live, and are updated, only where it runs.
+    """
+    if not tasks:
+        raise ValueError("a meta-step needs at least one task in every process")
     results = [run_task(model, target, task, config, inner_lrs) for task in tasks]
-    similarities = [task_similarity(r.adaptation, r.meta_gradient, config) for r in results]
-    weights = task_weights(torch.tensor(similarities), config)
-    apply_gradients(model, [task_update(r, config) for r in results], weights, inner_lrs or [])
+    local = [
+        (r.source, task_similarity(r.adaptation, r.meta_gradient, config), r.query_loss, r.support_loss)
+        for r in results
+    ]
+    gathered = collective.all_gather_object(local)  # [rank][task] -> (source, s_i, query, support)
+    everyone = [row for rows in gathered for row in rows]
+    sources = [row[0] for row in everyone]
+    if len(set(sources)) != len(sources):
+        raise ValueError(f"a meta-step's tasks must come from distinct sources, got {sources}")
+    weights = task_weights(torch.tensor([row[1] for row in everyone]), config)
+    first = sum(len(rows) for rows in gathered[: collective.rank])  # this process's tasks in the global order
+    apply_gradients(model, [task_update(r, config) for r in results], weights[first : first + len(results)],
+                    inner_lrs or [])
+    parameters = dict(model.named_parameters())
+    sum_gradients([parameters[name] for name in reduced_names(model, target)] + list(inner_lrs or []), collective)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return MetaStepLog(
-        sources=[r.source for r in results],
-        similarities=similarities,
+        sources=sources,
+        similarities=[row[1] for row in everyone],
         weights=[float(w) for w in weights],
-        query_loss=sum(r.query_loss for r in results) / len(results),
-        support_loss=sum(r.support_loss for r in results) / len(results),
+        query_loss=sum(row[2] for row in everyone) / len(everyone),
+        support_loss=sum(row[3] for row in everyone) / len(everyone),
     )
 
 

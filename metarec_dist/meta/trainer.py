@@ -14,6 +14,13 @@ training (a warm-up for MetaRec). Validation on the target every
 ``train.eval_every`` steps drives early stopping and model selection; the best
 state is tested at the end. Nothing here writes files: the caller decides
 where results land.
+
+The same trainer runs in every worker of a distributed run: it is handed the
+worker's shard of the sources and a ``Collective`` over the workers. Gradients
+of theta and the target's parameters are summed over workers (source tasks) or
+averaged (target batches, data parallel), so every worker holds the same theta
+and target; rank 0 (the leader) validates and tests, and its decision to stop
+is broadcast so all workers leave the loop together.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,7 +44,16 @@ from metarec_dist.data.store import DomainStore
 from metarec_dist.errors import ConfigError, TrainingError
 from metarec_dist.eval.full_ranking import evaluate_full_ranking
 from metarec_dist.meta.config import RunConfig
-from metarec_dist.meta.step import MetaConfig, TaskBatch, initial_inner_lrs, meta_step
+from metarec_dist.meta.step import (
+    LOCAL,
+    Collective,
+    MetaConfig,
+    TaskBatch,
+    initial_inner_lrs,
+    meta_step,
+    reduced_names,
+    sum_gradients,
+)
 from metarec_dist.model.recommender import SequenceRecommender
 
 log = logging.getLogger(__name__)
@@ -51,9 +67,10 @@ class TrainingData:
     sources: dict[str, SequenceView]  # a source's whole sequences are training data
 
 
-def load_training_data(config: RunConfig) -> TrainingData:
-    """Open the target and the sources from the store (and nothing else)."""
+def load_training_data(config: RunConfig, sources: list[str] | None = None) -> TrainingData:
+    """Open the target and the sources (default: all configured; a worker: its shard), nothing else."""
     store = DomainStore(config.data.store)
+    sources = list(config.data.sources) if sources is None else sources
     wanted = [("data.target", config.data.target)] + [("data.sources", s) for s in config.data.sources]
     for field_name, domain in wanted:
         if domain not in store:
@@ -66,15 +83,16 @@ def load_training_data(config: RunConfig) -> TrainingData:
     split = limit_target(
         leave_one_out(target.sequences), config.data.limited_target_fraction, config.data.split_seed
     )
-    sources = {name: store.open(name).sequences for name in config.data.sources}
+    opened = {name: store.open(name) for name in sources}
     catalogs = {config.data.target: target.num_items}
-    catalogs.update({name: store.open(name).num_items for name in config.data.sources})
+    catalogs.update({name: domain.num_items for name, domain in opened.items()})
+    sources = {name: domain.sequences for name, domain in opened.items()}
     return TrainingData(target=config.data.target, split=split, catalogs=catalogs, sources=sources)
 
 
 @dataclass
 class TrainingOutcome:
-    results: dict[str, Any]
+    results: dict[str, Any] | None  # None in a distributed run's non-leader workers
     best_state: dict[str, torch.Tensor]
     model: SequenceRecommender
 
@@ -104,15 +122,18 @@ class _SourceWeights:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, data: TrainingData, progress: bool = True):
+    def __init__(
+        self, config: RunConfig, data: TrainingData, progress: bool = True, collective: Collective = LOCAL
+    ):
         self.config = config
         self.data = data
-        self.progress = progress
+        self.collective = collective
+        self.progress = progress and collective.rank == 0
         train = config.train
         if train.threads:
             torch.set_num_threads(train.threads)
-        torch.manual_seed(train.seed)
-        self.rng = np.random.default_rng(train.seed)
+        torch.manual_seed(train.seed)  # the same theta and target tables in every worker
+        self.rng = np.random.default_rng(train.seed + collective.rank)  # batches differ per worker
         catalogs = data.catalogs if config.method != "target_only" else {data.target: data.catalogs[data.target]}
         self.model = SequenceRecommender(config.effective_model, catalogs)
         self.meta_config: MetaConfig = config.meta
@@ -151,11 +172,19 @@ class Trainer:
 
     # --- steps ---------------------------------------------------------------------
 
-    def _gradient_step(self, losses: dict[str, torch.Tensor], step: int) -> float:
+    def _gradient_step(self, losses: dict[str, torch.Tensor], step: int, average: bool) -> float:
+        """Backward, then sum (source tasks) or average (target batches) the shared gradients over workers."""
         total = sum(losses.values())
-        _check_finite(total, step, losses)
+        everyone = self.collective.all_gather_object({domain: loss.item() for domain, loss in losses.items()})
+        _check_finite(step, {domain: loss for rows in everyone for domain, loss in rows.items()})
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        parameters = dict(self.model.named_parameters())
+        reduced = [parameters[name] for name in reduced_names(self.model, self.data.target)]
+        sum_gradients(reduced, self.collective)
+        if average and self.collective.world_size > 1:
+            for p in reduced:
+                p.grad.div_(self.collective.world_size)
         self.optimizer.step()
         return total.item()
 
@@ -165,16 +194,18 @@ class Trainer:
         for source in self._sample_sources():
             batch = self._source_batch(source)
             losses[source] = self.model(source, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)).loss
-        return self._gradient_step(losses, step)
+        return self._gradient_step(losses, step, average=False)
 
     def _target_step(self, step: int) -> float:
         batch = self._target_batch()
         loss = self.model(self.data.target, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)).loss
-        return self._gradient_step({self.data.target: loss}, step)
+        return self._gradient_step({self.data.target: loss}, step, average=True)
 
     def _meta_step(self, step: int) -> float:
         tasks = [TaskBatch(source, self._source_batch(source), self._target_batch()) for source in self._sample_sources()]
-        result = meta_step(self.model, self.optimizer, self.data.target, tasks, self.meta_config, self.inner_lrs)
+        result = meta_step(
+            self.model, self.optimizer, self.data.target, tasks, self.meta_config, self.inner_lrs, self.collective
+        )
         if not math.isfinite(result.query_loss):
             raise TrainingError(
                 f"step {step}: query loss on target '{self.data.target}' is {result.query_loss} "
@@ -206,8 +237,14 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------
 
-    def run(self) -> TrainingOutcome:
+    def run(self, on_validation: Callable[[dict[str, Any]], None] | None = None) -> TrainingOutcome:
+        """Train, validate, select, test. ``on_validation(entry)`` runs in every process at each validation.
+
+        In a distributed run only the leader's outcome carries results; the
+        others return ``results=None`` (their state is their shard's tables).
+        """
         train = self.config.train
+        leader = self.collective.rank == 0
         started = time.perf_counter()
         history: list[dict[str, Any]] = []
         for step in tqdm(range(train.pretrain_steps), desc="pre-training on sources", disable=not self.progress):
@@ -224,38 +261,50 @@ class Trainer:
                 self._maybe_reinit_codes(step)
                 continue
             # A validation step: read the codebook's health before dead codes are replaced.
-            valid = self.evaluate("valid")
-            metric = valid[train.selection_metric]
-            entry = {
-                "step": step,
-                "seconds": time.perf_counter() - started,
-                "train_loss": float(np.mean(losses)),
-                "valid": valid,
-                **self._codebook_health(),
-            }
-            history.append(entry)
+            health = self._codebook_health()
+            entry, stop = None, False
+            if leader:
+                valid = self.evaluate("valid")
+                metric = valid[train.selection_metric]
+                entry = {
+                    "step": step,
+                    "seconds": time.perf_counter() - started,
+                    "train_loss": float(np.mean(losses)),
+                    "valid": valid,
+                    **health,
+                }
+                history.append(entry)
+                log.info("step %d loss %.4f valid %s %.4f", step, entry["train_loss"], train.selection_metric, metric)
+                bar.set_postfix(loss=f"{entry['train_loss']:.3f}", valid=f"{metric:.4f}")
+                if metric > best:
+                    best, best_step, best_valid, stale = metric, step, valid, 0
+                    best_state = copy.deepcopy(self.model.state_dict())
+                else:
+                    stale += 1
+                    stop = stale >= train.patience
+                    if stop:
+                        log.info("early stop at step %d (best %s %.4f at step %d)",
+                                 step, train.selection_metric, best, best_step)
+            entry, stop = self.collective.broadcast_object((entry, stop))
             losses.clear()
             self._maybe_reinit_codes(step)
-            log.info("step %d loss %.4f valid %s %.4f", step, entry["train_loss"], train.selection_metric, metric)
-            bar.set_postfix(loss=f"{entry['train_loss']:.3f}", valid=f"{metric:.4f}")
-            if metric > best:
-                best, best_step, best_valid, stale = metric, step, valid, 0
-                best_state = copy.deepcopy(self.model.state_dict())
-            else:
-                stale += 1
-                if stale >= train.patience:
-                    log.info("early stop at step %d (best %s %.4f at step %d)", step, train.selection_metric, best, best_step)
-                    break
+            if on_validation is not None:
+                on_validation(entry)
+            if stop:
+                break
 
+        if not leader:
+            return TrainingOutcome(results=None, best_state=self.model.state_dict(), model=self.model)
         self.model.load_state_dict(best_state)
         test = self.evaluate("test")
         results = {
             "method": self.config.method,
             "target": self.data.target,
-            "sources": sorted(self.data.sources),
+            "sources": sorted(self.config.data.sources),
             "limited_target_fraction": self.config.data.limited_target_fraction,
             "training_users": int(len(self.training_rows)),
             "seed": train.seed,
+            "workers": self.collective.world_size,
             "best_step": best_step,
             "steps_run": history[-1]["step"],
             "wall_seconds": time.perf_counter() - started,
@@ -263,22 +312,46 @@ class Trainer:
             "validation": best_valid,
             "test": test,
             "history": history,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": sum(p.numel() for p in self.model.parameters()),  # this process's
         }
         if self._is_meta:
             results["source_weights"] = {"final": self.weights.summary(), "history": self.weights.history}
         return TrainingOutcome(results=results, best_state=best_state, model=self.model)
 
+    # --- the codebook at step boundaries ----------------------------------------------
+
     def _maybe_reinit_codes(self, step: int) -> None:
+        """Replace dead codewords, the same way in every worker.
+
+        Usage is summed over workers; the leader picks the replacements and its
+        codebook is broadcast, so theta stays identical everywhere.
+        """
         every = self.config.train.codebook_reinit_every
-        if self.model.quantizer is not None and every and step % every == 0:
-            self.model.quantizer.reinit_dead_codes()
+        quantizer = self.model.quantizer
+        if quantizer is None or not every or step % every:
+            return
+        self.collective.all_reduce_sum_([quantizer.usage])
+        if self.collective.rank == 0:
+            quantizer.reinit_dead_codes()
+        else:
+            quantizer.usage.zero_()
+        if self.collective.world_size > 1:
+            codebooks = self.collective.broadcast_object(quantizer.codebooks.detach().clone())
+            with torch.no_grad():
+                quantizer.codebooks.copy_(codebooks)
 
     def _codebook_health(self) -> dict[str, Any]:
-        return {} if self.model.quantizer is None else {"codebook": self.model.quantizer.health()}
+        """Perplexity and dead codes over every worker's assignments since the last re-initialisation."""
+        quantizer = self.model.quantizer
+        if quantizer is None:
+            return {}
+        usage = quantizer.usage.clone()
+        self.collective.all_reduce_sum_([usage])
+        return {"codebook": quantizer.health(usage)}
 
 
-def _check_finite(total: torch.Tensor, step: int, losses: dict[str, torch.Tensor]) -> None:
-    if not torch.isfinite(total):
-        bad = [domain for domain, loss in losses.items() if not torch.isfinite(loss)]
-        raise TrainingError(f"step {step}: loss is {total.item()} on domain(s) {bad}; lower train.learning_rate")
+def _check_finite(step: int, losses: dict[str, float]) -> None:
+    """Every worker sees every worker's losses, so all of them stop together."""
+    bad = {domain: loss for domain, loss in losses.items() if not math.isfinite(loss)}
+    if bad:
+        raise TrainingError(f"step {step}: non-finite loss on domain(s) {bad}; lower train.learning_rate")

@@ -12,6 +12,7 @@ embeddings of the shared width and no codebook exists.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,14 +52,23 @@ def module_key(domain: str) -> str:
 class DomainItems(nn.Module):
     """One domain's item table in its own id space and width, and its adapter."""
 
-    def __init__(self, num_items: int, width: int, shared_width: int, adapter: bool):
+    def __init__(self, num_items: int, width: int, shared_width: int, adapter: bool, generator: torch.Generator):
         super().__init__()
         self.num_items = num_items
         self.embedding = nn.Embedding(num_items + 1, width, padding_idx=PAD)
         # Through an adapter, tables start at unit-scale rows (1/sqrt(width) per entry) so
         # quantization has distinct vectors to tell apart; id tables as in SASRec (0.02).
-        nn.init.normal_(self.embedding.weight, std=0.02 if not adapter else 1.0 / width**0.5)
-        self.adapter = nn.Linear(width, shared_width) if adapter else None
+        std = 0.02 if not adapter else 1.0 / width**0.5
+        with torch.no_grad():
+            self.embedding.weight.normal_(0.0, std, generator=generator)
+            self.embedding.weight[PAD].zero_()
+        self.adapter = None
+        if adapter:
+            self.adapter = nn.Linear(width, shared_width)
+            bound = 1.0 / width**0.5  # nn.Linear's default range, drawn from this domain's stream
+            with torch.no_grad():
+                self.adapter.weight.uniform_(-bound, bound, generator=generator)
+                self.adapter.bias.uniform_(-bound, bound, generator=generator)
 
     def forward(self) -> torch.Tensor:
         """Every item's vector before quantization: [N + 1, D] (row 0 is padding)."""
@@ -90,17 +100,24 @@ class SequenceRecommender(nn.Module):
         keys = [module_key(name) for name in catalogs]
         if len(set(keys)) != len(keys):
             raise ValueError(f"domain names collide once '.' becomes '-': {sorted(catalogs)}")
-        self.domains = nn.ModuleDict(
-            {
-                module_key(name): DomainItems(
-                    num_items,
-                    config.item_widths.get(name, config.item_width) if config.use_vq else config.width,
-                    config.width,
-                    adapter=config.use_vq,
-                )
-                for name, num_items in catalogs.items()
-            }
-        )
+        # Each domain's parameters come from a random stream of its own (one draw of the
+        # global generator, plus the domain's name), so a domain starts the same whichever
+        # other domains share the process: a worker holding a shard of the sources builds
+        # exactly the tables the single-process model has.
+        domain_seed_base = int(torch.randint(0, 2**62, ()))
+        with torch.random.fork_rng(devices=[]):  # nn.Linear's own default init must not move the global stream
+            self.domains = nn.ModuleDict(
+                {
+                    module_key(name): DomainItems(
+                        num_items,
+                        config.item_widths.get(name, config.item_width) if config.use_vq else config.width,
+                        config.width,
+                        adapter=config.use_vq,
+                        generator=torch.Generator().manual_seed(domain_seed_base ^ _stable_hash(name)),
+                    )
+                    for name, num_items in catalogs.items()
+                }
+            )
         self.initialize_codebook()
 
     @torch.no_grad()
@@ -184,6 +201,11 @@ class SequenceRecommender(nn.Module):
             scores = _at_least_fp32(last @ tables.outputs.t())
         scores[:, PAD] = float("-inf")
         return scores
+
+
+def _stable_hash(name: str) -> int:
+    """A 62-bit hash of a domain name that is the same in every process (``hash`` is salted)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 2
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -149,12 +149,16 @@ class VectorQuantizer(nn.Module):
         self._recent = sub[-4096:].float()  # what each codebook quantized: candidates for dead codes
 
     @torch.no_grad()
-    def health(self) -> dict[str, float]:
-        """Perplexity (mean over codebooks; K = all codes used evenly) and dead-code fraction."""
-        total = self.usage.sum(dim=1, keepdim=True).clamp_min(1)
-        probabilities = self.usage / total
+    def health(self, usage: torch.Tensor | None = None) -> dict[str, float]:
+        """Perplexity (mean over codebooks; K = all codes used evenly) and dead-code fraction.
+
+        ``usage``: assignment counts to read instead of this process's own (e.g. summed over workers).
+        """
+        usage = self.usage if usage is None else usage
+        total = usage.sum(dim=1, keepdim=True).clamp_min(1)
+        probabilities = usage / total
         entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=1)
-        dead = (self.usage <= self.config.dead_code_threshold).float().mean()
+        dead = (usage <= self.config.dead_code_threshold).float().mean()
         return {"perplexity": float(entropy.exp().mean()), "dead_fraction": float(dead)}
 
     @torch.no_grad()

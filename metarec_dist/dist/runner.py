@@ -1,0 +1,203 @@
+"""Meta-training on Ray Train workers, each owning a shard of the source domains.
+
+    driver:  plan_domains -> preflight -> TorchTrainer.fit() -> the leader's results
+    worker:  restore config and plan -> open its shard -> Trainer(..., TorchCollective()).run()
+             -> report at every validation; the leader reports results and weights at the end
+
+The worker runs the single-process ``Trainer`` unchanged; only the
+``Collective`` differs (see ``metarec_dist.meta.step.meta_step``), so one
+worker and N workers run the same code. Each worker opens only the target and
+its own sources from the store and builds item tables for those alone: its
+memory grows with its shard, not with the number of domains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metarec_dist.data.store import DomainStore
+from metarec_dist.dist.plan import DomainPlan, plan_domains
+from metarec_dist.errors import ConfigError, MetarecError, TrainingError
+from metarec_dist.meta.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+MODEL_FILE = "model.pt"
+
+
+@dataclass
+class DistributedOutcome:
+    results: dict[str, Any]
+    best_state: dict[str, torch.Tensor]  # the leader's best weights: theta, the target's and its own sources'
+    plan: DomainPlan
+
+
+def source_plan(config: RunConfig) -> DomainPlan:
+    """The domain plan for ``config.runner.workers``, from the store's counts (no tables are read)."""
+    store = DomainStore(config.data.store)
+    interactions = {name: int(store.open(name).meta["counts"]["interactions"]) for name in config.data.sources}
+    return plan_domains(interactions, config.runner.workers)
+
+
+def train_distributed(config: RunConfig, storage_dir: Path) -> DistributedOutcome:
+    """Run ``config`` on ``config.runner.workers`` Ray Train workers; ``storage_dir``: Ray's reports."""
+    plan = source_plan(config)
+    log.info("source domains per worker:\n%s", plan.table())
+    _connect(config)
+    _preflight(config, storage_dir)
+
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig, TrainingFailedError
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    runner = config.runner
+    use_gpu = _use_gpu(runner.use_gpu)
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "plan": plan.to_json()},
+        scaling_config=ScalingConfig(
+            num_workers=runner.workers, use_gpu=use_gpu, resources_per_worker={"CPU": runner.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=runner.collective_timeout_s),
+        run_config=RayRunConfig(
+            name="ray-train",
+            storage_path=str((runner.storage_path or storage_dir).resolve()),
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as error:
+        raise _user_error(error) from None
+    if result.checkpoint is None:
+        raise TrainingError("the workers finished without reporting results; see the Ray logs in the run directory")
+    with result.checkpoint.as_directory() as directory:
+        results = json.loads((Path(directory) / RESULTS_FILE).read_text())
+        best_state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
+    results["plan"] = {"workers": plan.workers, "owner": plan.owner}
+    return DistributedOutcome(results=results, best_state=best_state, plan=plan)
+
+
+# --- driver side ------------------------------------------------------------------------
+
+
+def _connect(config: RunConfig) -> None:
+    """Join ``runner.address`` (or RAY_ADDRESS), else start a quiet local cluster."""
+    # The controller reads worker reports once per health check (2 s by default):
+    # 0.2 s keeps per-validation reports from stalling the workers.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.runner.address or os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(
+            address=address,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning"}},
+        )
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        where = address or "a new local cluster"
+        raise ConfigError(
+            f"runner.address: cannot connect to Ray at {where} ({str(error).splitlines()[0]}); "
+            "check the address, or leave it unset to start a local cluster"
+        ) from None
+
+
+def _preflight(config: RunConfig, storage_dir: Path) -> None:
+    """Fail now, with the numbers, rather than wait forever for resources the cluster lacks."""
+    import ray
+
+    runner = config.runner
+    resources = ray.cluster_resources()
+    wanted = runner.workers * runner.cpus_per_worker
+    if resources.get("CPU", 0) < wanted:
+        raise ConfigError(
+            f"runner.workers: {runner.workers} workers x {runner.cpus_per_worker} CPUs need {wanted} CPUs, "
+            f"the Ray cluster has {resources.get('CPU', 0):g}; lower runner.workers or runner.cpus_per_worker"
+        )
+    if runner.use_gpu is True and resources.get("GPU", 0) < runner.workers:
+        raise ConfigError(
+            f"runner.use_gpu: {runner.workers} workers need {runner.workers} GPUs, the cluster has "
+            f"{resources.get('GPU', 0):g}; set runner.use_gpu to auto or false"
+        )
+    storage = (runner.storage_path or storage_dir).resolve()
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=storage):
+            pass
+    except OSError as error:
+        raise ConfigError(f"runner.storage_path: {storage} is not writable ({error.strerror}); choose another") from None
+
+
+def _use_gpu(setting: bool | str) -> bool:
+    if setting == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(setting)
+
+
+def _user_error(error: Exception) -> MetarecError:
+    """The first worker error the user can fix, as one line; anything else names the rank."""
+    failures = getattr(error, "worker_failures", {}) or {}
+    for rank, failure in sorted(failures.items()):
+        cause: BaseException | None = failure
+        while cause is not None:
+            if isinstance(cause, MetarecError):
+                return type(cause)(str(cause))
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        first = str(failure).strip().splitlines()
+        return TrainingError(f"worker {rank} failed: {first[-1] if first else type(failure).__name__}")
+    return TrainingError(f"the Ray Train run failed: {str(error).strip().splitlines()[0]}")
+
+
+# --- worker side ------------------------------------------------------------------------
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: restore, build, loop, report."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from metarec_dist.dist.collective import TorchCollective
+    from metarec_dist.meta.trainer import Trainer, load_training_data
+
+    # Restore: the same config and plan in every worker.
+    config = RunConfig.model_validate(loop_config["config"])
+    plan = DomainPlan.from_json(loop_config["plan"])
+    collective = TorchCollective()
+    torch.set_num_threads(config.runner.cpus_per_worker)
+
+    # Build: the target and this worker's own sources, nothing else.
+    data = load_training_data(config, plan.shard(collective.rank))
+    trainer = Trainer(config, data, progress=False, collective=collective)
+
+    # Loop: every worker reports at every validation (a report is a synchronisation point).
+    def report(entry: dict[str, Any]) -> None:
+        ray.train.report({"step": entry["step"], "train_loss": entry["train_loss"], **entry["valid"]})
+
+    outcome = trainer.run(on_validation=report)
+
+    # Report: the leader's results and best weights travel as the final checkpoint.
+    if collective.rank != 0:
+        ray.train.report({"done": 1})
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / RESULTS_FILE).write_text(json.dumps(outcome.results))
+        torch.save({k: v.detach().cpu() for k, v in outcome.best_state.items()}, Path(directory) / MODEL_FILE)
+        ray.train.report({"done": 1}, checkpoint=Checkpoint.from_directory(directory))
