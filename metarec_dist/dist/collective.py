@@ -34,3 +34,6 @@ class TorchCollective:
         holder = [value]
         dist.broadcast_object_list(holder, src=source)
         return holder[0]
+
+    def broadcast_(self, tensor: torch.Tensor, source: int = 0) -> None:
+        dist.broadcast(tensor, src=source)

@@ -50,6 +50,8 @@ def source_plan(config: RunConfig) -> DomainPlan:
 
 def train_distributed(config: RunConfig, storage_dir: Path) -> DistributedOutcome:
     """Run ``config`` on ``config.runner.workers`` Ray Train workers; ``storage_dir``: Ray's reports."""
+    # Workers run in directories of their own: every path they read must be absolute.
+    config = config.model_copy(update={"data": config.data.model_copy(update={"store": config.data.store.resolve()})})
     plan = source_plan(config)
     log.info("source domains per worker:\n%s", plan.table())
     _connect(config)
@@ -175,6 +177,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from metarec_dist.dist.collective import TorchCollective
+    from metarec_dist.dist.optimizer import WorkerOptimizer
     from metarec_dist.meta.trainer import Trainer, load_training_data
 
     # Restore: the same config and plan in every worker.
@@ -185,7 +188,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     # Build: the target and this worker's own sources, nothing else.
     data = load_training_data(config, plan.shard(collective.rank))
-    trainer = Trainer(config, data, progress=False, collective=collective)
+    trainer = Trainer(
+        config, data, progress=False, collective=collective,
+        make_optimizer=lambda model, inner_lrs, cfg: WorkerOptimizer(model, inner_lrs, cfg, data.target, collective),
+    )
 
     # Loop: every worker reports at every validation (a report is a synchronisation point).
     def report(entry: dict[str, Any]) -> None:

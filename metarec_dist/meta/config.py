@@ -49,6 +49,13 @@ class RunnerConfig(StrictModel):
         "on a multi-node cluster, storage every node can see"
     )
     collective_timeout_s: int = Field(300, ge=10, description="a collective one worker never reaches fails after this")
+    zero_stage: Literal[0, 1, 2] | None = Field(
+        2, description="DeepSpeed ZeRO stage of the shared encoder's engine (None: plain replicated Adam)"
+    )
+    deepspeed_config: Path | None = Field(
+        None, description="a DeepSpeed JSON config to start from (configs/deepspeed/); stage, optimizer and "
+        "clipping are set by the runner"
+    )
 
 
 class RunConfig(StrictModel):

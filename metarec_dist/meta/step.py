@@ -232,6 +232,9 @@ class Collective(Protocol):
     def broadcast_object(self, value: Any, source: int = 0) -> Any:
         """``value`` from rank ``source``, on every process."""
 
+    def broadcast_(self, tensor: torch.Tensor, source: int = 0) -> None:
+        """Overwrite ``tensor``, in place, with rank ``source``'s."""
+
 
 class LocalCollective:
     """One process: gathering and reducing are the identity."""
@@ -248,6 +251,9 @@ class LocalCollective:
     def broadcast_object(self, value: Any, source: int = 0) -> Any:
         return value
 
+    def broadcast_(self, tensor: torch.Tensor, source: int = 0) -> None:
+        return None
+
 
 LOCAL = LocalCollective()
 
@@ -255,21 +261,6 @@ LOCAL = LocalCollective()
 def reduced_names(model: SequenceRecommender, target: str) -> list[str]:
     """Parameters every process holds and updates identically: theta and the target's own."""
     return model.shared_names() + model.local_names(target)
-
-
-def sum_gradients(parameters: list[torch.Tensor], collective: Collective) -> None:
-    """Sum ``.grad`` over processes in one flat all-reduce (a missing gradient counts as zero)."""
-    if collective.world_size == 1:
-        return
-    for p in parameters:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.flatten() for p in parameters])
-    collective.all_reduce_sum_([flat])
-    offset = 0
-    for p in parameters:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
 
 
 # --- one meta-step ----------------------------------------------------------------------
@@ -298,10 +289,11 @@ def meta_step(
     Across processes: every process runs its own tasks and their similarities;
     the similarities of all tasks are gathered and the softmax taken over all
     of them; each process sets the gradients of its tasks weighted by their
-    global weights, and one all-reduce sums them (a sum over tasks, not an
-    average over processes), so every process applies the same step to theta
-    and the target's parameters, equal to one process running every task.
-    A source's own parameters live, and are updated, only where it runs.
+    global weights, and ``optimizer.step()`` sums them over processes (a sum
+    over tasks, not an average over processes: ``metarec_dist.dist.optimizer``),
+    so every process applies the same step to theta and the target's
+    parameters, equal to one process running every task. A source's own
+    parameters live, and are updated, only where it runs.
     """
     if not tasks:
         raise ValueError("a meta-step needs at least one task in every process")
@@ -319,8 +311,6 @@ def meta_step(
     first = sum(len(rows) for rows in gathered[: collective.rank])  # this process's tasks in the global order
     apply_gradients(model, [task_update(r, config) for r in results], weights[first : first + len(results)],
                     inner_lrs or [])
-    parameters = dict(model.named_parameters())
-    sum_gradients([parameters[name] for name in reduced_names(model, target)] + list(inner_lrs or []), collective)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return MetaStepLog(

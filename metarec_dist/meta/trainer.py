@@ -51,8 +51,6 @@ from metarec_dist.meta.step import (
     TaskBatch,
     initial_inner_lrs,
     meta_step,
-    reduced_names,
-    sum_gradients,
 )
 from metarec_dist.model.recommender import SequenceRecommender
 
@@ -123,8 +121,15 @@ class _SourceWeights:
 
 class Trainer:
     def __init__(
-        self, config: RunConfig, data: TrainingData, progress: bool = True, collective: Collective = LOCAL
+        self,
+        config: RunConfig,
+        data: TrainingData,
+        progress: bool = True,
+        collective: Collective = LOCAL,
+        make_optimizer: OptimizerFactory | None = None,
     ):
+        """``make_optimizer(model, inner_lrs, config)``: the optimizer; across workers its ``step``
+        sums the gradients over them (``metarec_dist.dist.optimizer``). Default: Adam in this process."""
         self.config = config
         self.data = data
         self.collective = collective
@@ -140,10 +145,7 @@ class Trainer:
         if config.method == "uniform":
             self.meta_config = config.meta.model_copy(update={"weighting": "uniform"})
         self.inner_lrs = initial_inner_lrs(self.model, self.meta_config) if self._is_meta else []
-        groups = [{"params": list(self.model.parameters())}]
-        if self.inner_lrs:
-            groups.append({"params": self.inner_lrs, "lr": self.meta_config.inner_lr_learning_rate})
-        self.optimizer = torch.optim.Adam(groups, lr=train.learning_rate, weight_decay=train.weight_decay)
+        self.optimizer = (make_optimizer or local_adam)(self.model, self.inner_lrs, config)
         self.training_rows = data.split.training_users
         if len(self.training_rows) == 0:
             raise ConfigError("data.limited_target_fraction: no target user keeps training data; raise it")
@@ -173,19 +175,19 @@ class Trainer:
     # --- steps ---------------------------------------------------------------------
 
     def _gradient_step(self, losses: dict[str, torch.Tensor], step: int, average: bool) -> float:
-        """Backward, then sum (source tasks) or average (target batches) the shared gradients over workers."""
+        """Gradients of the summed losses; the optimizer sums them over workers (source tasks),
+        or averages them when ``average`` (target batches: plain data parallelism)."""
         total = sum(losses.values())
         everyone = self.collective.all_gather_object({domain: loss.item() for domain, loss in losses.items()})
         _check_finite(step, {domain: loss for rows in everyone for domain, loss in rows.items()})
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        parameters = dict(self.model.named_parameters())
-        reduced = [parameters[name] for name in reduced_names(self.model, self.data.target)]
-        sum_gradients(reduced, self.collective)
-        if average and self.collective.world_size > 1:
-            for p in reduced:
-                p.grad.div_(self.collective.world_size)
+        # autograd.grad, not backward(): a DeepSpeed engine's gradient hooks must only see its own backward.
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        gradients = torch.autograd.grad(total, parameters, allow_unused=True)
+        scale = 1.0 / self.collective.world_size if average else 1.0
+        for p, gradient in zip(parameters, gradients):
+            p.grad = None if gradient is None else gradient * scale
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return total.item()
 
     def _joint_step(self, step: int) -> float:
@@ -335,10 +337,7 @@ class Trainer:
             quantizer.reinit_dead_codes()
         else:
             quantizer.usage.zero_()
-        if self.collective.world_size > 1:
-            codebooks = self.collective.broadcast_object(quantizer.codebooks.detach().clone())
-            with torch.no_grad():
-                quantizer.codebooks.copy_(codebooks)
+        self.collective.broadcast_(quantizer.codebooks.data, source=0)
 
     def _codebook_health(self) -> dict[str, Any]:
         """Perplexity and dead codes over every worker's assignments since the last re-initialisation."""
@@ -348,6 +347,17 @@ class Trainer:
         usage = quantizer.usage.clone()
         self.collective.all_reduce_sum_([usage])
         return {"codebook": quantizer.health(usage)}
+
+
+OptimizerFactory = Callable[[SequenceRecommender, list[torch.Tensor], RunConfig], torch.optim.Optimizer]
+
+
+def local_adam(model: SequenceRecommender, inner_lrs: list[torch.Tensor], config: RunConfig) -> torch.optim.Optimizer:
+    """Adam over every parameter in this process (learned inner rates at their own rate)."""
+    groups = [{"params": list(model.parameters())}]
+    if inner_lrs:
+        groups.append({"params": inner_lrs, "lr": config.meta.inner_lr_learning_rate})
+    return torch.optim.Adam(groups, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
 
 
 def _check_finite(step: int, losses: dict[str, float]) -> None:
