@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from metarec_dist.errors import MetarecError
+from metarec_dist.errors import ConfigError, MetarecError
 
 DEFAULT_STORE = Path("store")
 EXIT_USER_ERROR = 2
@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--overwrite", action="store_true", help="replace domains made with other settings")
     train = commands.add_parser("train", help="train one method on domains from a store")
-    train.add_argument("config", type=Path, help="run config YAML (see configs/)")
+    train.add_argument("config", type=Path, nargs="?", help="run config YAML (see configs/)")
+    train.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR",
+        help="continue a stopped distributed run from its last complete checkpoint (--set runner.* allowed)",
+    )
     train.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.steps=500",
@@ -89,10 +93,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     from metarec_dist.report.run_directory import create_run_dir, save_state, write_json, write_yaml
     from metarec_dist.report.summary import format_run_summary
 
-    config = load_config(RunConfig, args.config, args.overrides)
-    data = load_training_data(config)  # fails on a missing domain before anything is written
-    run_dir = create_run_dir(config.output_dir, f"{config.method}-{config.data.target}")
-    write_yaml(run_dir / "config.yaml", config.model_dump(mode="json"))
+    if (args.config is None) == (args.resume is None):
+        raise ConfigError("train: give a CONFIG file, or --resume RUN_DIR (not both)")
+    resume_from = None
+    if args.resume is not None:
+        run_dir = args.resume
+        config = _resumed_config(run_dir, args.overrides)
+        resume_from = _last_checkpoint(run_dir, config)
+    else:
+        config = load_config(RunConfig, args.config, args.overrides)
+    load_training_data(config)  # fails on a missing domain before anything is written
+    if resume_from is None:
+        run_dir = create_run_dir(config.output_dir, f"{config.method}-{config.data.target}")
+        write_yaml(run_dir / "config.yaml", config.model_dump(mode="json"))
     file_log = logging.FileHandler(run_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package_log = logging.getLogger("metarec_dist")
@@ -100,13 +113,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     package_log.setLevel(logging.INFO)
     try:
         print(f"run directory: {run_dir}", file=sys.stderr)
-        if config.runner.workers == 1:
-            outcome = Trainer(config, data, progress=sys.stderr.isatty()).run()
+        if config.runner.workers == 1 and resume_from is None:
+            outcome = Trainer(config, load_training_data(config), progress=sys.stderr.isatty()).run()
         else:
             from metarec_dist.dist.runner import train_distributed
 
-            print(f"training on {config.runner.workers} Ray Train workers", file=sys.stderr)
-            outcome = train_distributed(config, run_dir / "ray")
+            where = f", resuming from {resume_from}" if resume_from else ""
+            print(f"training on {config.runner.workers} Ray Train workers{where}", file=sys.stderr)
+            outcome = train_distributed(config, run_dir / "ray", resume_from)
         save_state(run_dir / "model.pt", outcome.best_state)
         write_json(run_dir / "results.json", outcome.results)
     finally:
@@ -114,6 +128,31 @@ def cmd_train(args: argparse.Namespace) -> None:
         file_log.close()
     print(format_run_summary(outcome.results))
     print(f"results: {run_dir / 'results.json'}")
+
+
+def _resumed_config(run_dir: Path, overrides: list[str]):
+    """The stopped run's own config; only where it runs (runner.*) may change."""
+    from metarec_dist.config import load_config
+    from metarec_dist.meta.config import RunConfig
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml); give one under runs/")
+    if (run_dir / "results.json").exists():
+        raise ConfigError(f"--resume {run_dir}: this run already finished (results.json exists); start a new one")
+    for text in overrides:
+        if not text.startswith("runner."):
+            raise ConfigError(f"--set {text!r}: a resumed run keeps its config; only runner.* may change")
+    return load_config(RunConfig, run_dir / "config.yaml", overrides)
+
+
+def _last_checkpoint(run_dir: Path, config) -> Path:
+    from metarec_dist.dist.checkpoint import latest_complete
+
+    storage = config.runner.storage_path or run_dir / "ray"
+    checkpoint = latest_complete(storage)
+    if checkpoint is None:
+        raise ConfigError(f"--resume {run_dir}: no complete checkpoint under {storage}; start a new run")
+    return checkpoint
 
 
 def cmd_data_import(args: argparse.Namespace) -> None:

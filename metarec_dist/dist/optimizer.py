@@ -158,6 +158,116 @@ class WorkerOptimizer:
             self.engine.backward(surrogate * self.collective.world_size)
         self.engine.step()
 
+    # --- checkpoints: state that does not depend on the number of workers --------------
+
+    def consolidated_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Adam's moments at full size, keyed ``<parameter>/<exp_avg|exp_avg_sq|step>``.
+
+        Returns (shared, own): ``shared`` covers the encoder, the codebook, the
+        target and the inner rates (equal in every worker); ``own`` this worker's
+        sources. A collective: every worker calls it (partitions are gathered).
+        """
+        names = self._names()
+        shared: dict[str, torch.Tensor] = {}
+        for optimizer in (self.replicated_adam, self.encoder_adam, self._engine_torch_adam()):
+            shared.update(_adam_entries(optimizer, names))
+        if self.engine is not None and self._engine_torch_adam() is None:
+            shared.update(self._zero_entries(names))
+        shared.update(self._codebook_entries())
+        own = _adam_entries(self.local_adam, names)
+        return shared, own
+
+    @torch.no_grad()
+    def load_consolidated_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``consolidated_state`` returned (shared and own merged), after the parameters.
+
+        Optimizer state of parameters absent from ``state`` starts fresh (a
+        source never sampled before the checkpoint, say).
+        """
+        names = self._names()
+        for optimizer in (self.replicated_adam, self.encoder_adam, self.local_adam, self._engine_torch_adam()):
+            if optimizer is not None:
+                _load_adam_entries(optimizer, names, state)
+        if self.codebook_adam is not None and "quantizer.codebooks/step" in state:
+            self.codebook_shard.copy_(self.codebooks[self.owned_codebooks])
+            self.codebook_adam.state[self.codebook_shard] = {
+                "step": state["quantizer.codebooks/step"].clone(),
+                "exp_avg": state["quantizer.codebooks/exp_avg"][self.owned_codebooks].clone(),
+                "exp_avg_sq": state["quantizer.codebooks/exp_avg_sq"][self.owned_codebooks].clone(),
+            }
+        if self.engine is not None and self._engine_torch_adam() is None:
+            self._load_zero(state)
+
+    def _names(self) -> dict[int, str]:
+        """id(parameter) -> the name it is checkpointed under."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        inner = [p for p in self.replicated if id(p) not in names]
+        names.update({id(p): f"inner_lr.{i}" for i, p in enumerate(inner)})
+        return names
+
+    def _engine_torch_adam(self):
+        """ZeRO stage 0 keeps a plain torch Adam over the encoder's parameters."""
+        if self.engine is not None and isinstance(self.engine.optimizer, torch.optim.Adam):
+            return self.engine.optimizer
+        return None
+
+    def _codebook_entries(self) -> dict[str, torch.Tensor]:
+        """The codebook's moments from their owners, assembled at full size in every worker."""
+        if self.codebooks is None:
+            return {}
+        state = self.codebook_adam.state.get(self.codebook_shard, {}) if self.codebook_adam else {}
+        steps = self.collective.all_gather_object(float(state["step"]) if state else None)
+        if all(step is None for step in steps):
+            return {}
+        entries = {"quantizer.codebooks/step": torch.tensor(max(s for s in steps if s is not None))}
+        for key in ("exp_avg", "exp_avg_sq"):
+            full = torch.zeros_like(self.codebooks)
+            if state:
+                full[self.owned_codebooks] = state[key]
+            self.collective.all_reduce_sum_([full])  # each codebook has exactly one owner
+            entries[f"quantizer.codebooks/{key}"] = full
+        return entries
+
+    def _zero_entries(self, names: dict[int, str]) -> dict[str, torch.Tensor]:
+        """ZeRO 1/2 partitions the encoder's moments: assemble each parameter's (a collective)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        inner = self.engine.optimizer.optimizer
+        flat_states = [inner.state[flat] for flat in self.engine.optimizer.single_partition_of_fp32_groups]
+        if not flat_states or not flat_states[0]:
+            return {}  # no step taken yet
+        step = flat_states[0]["step"]
+        entries = {}
+        for p in self.encoder_parameters:
+            for key in ("exp_avg", "exp_avg_sq"):
+                entries[f"{names[id(p)]}/{key}"] = safe_get_full_optimizer_state(p, key).clone()
+            entries[f"{names[id(p)]}/step"] = step.clone()
+        return entries
+
+    def _load_zero(self, state: dict[str, torch.Tensor]) -> None:
+        """Refresh ZeRO's fp32 master copy from the loaded parameters, then its moments."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        zero = self.engine.optimizer
+        for p in self.encoder_parameters:
+            safe_set_full_fp32_param(p, p.detach().float())
+        names = self._names()
+        first = names[id(self.encoder_parameters[0])]
+        if f"{first}/step" not in state:
+            return
+        # Moments exist only after a first step: create them (zeros), link them to the
+        # parameters' fragments, then fill each parameter's fragment from the full tensor.
+        for flat in zero.single_partition_of_fp32_groups:
+            zero.optimizer.state[flat] = {
+                "step": state[f"{first}/step"].clone(),
+                "exp_avg": torch.zeros_like(flat),
+                "exp_avg_sq": torch.zeros_like(flat),
+            }
+        zero._lazy_init_hp_params_optimizer_state()
+        for p in self.encoder_parameters:
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, state[f"{names[id(p)]}/{key}"], key)
+
     # --- memory accounting (what this worker holds) -----------------------------------
 
     def optimizer_state_numel(self) -> dict[str, int]:
@@ -173,6 +283,29 @@ class WorkerOptimizer:
             "sources": count(self.local_adam),
             "replicated": count(self.replicated_adam) + count(self.encoder_adam),
         }
+
+
+ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _adam_entries(optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    """``<name>/<key>`` for every parameter a torch Adam has state for."""
+    if optimizer is None:
+        return {}
+    return {
+        f"{names[id(p)]}/{key}": state[key].detach().clone()
+        for p, state in optimizer.state.items()
+        if id(p) in names
+        for key in ADAM_KEYS
+    }
+
+
+def _load_adam_entries(optimizer, names: dict[int, str], state: dict[str, torch.Tensor]) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names.get(id(p))
+            if name is not None and f"{name}/step" in state:
+                optimizer.state[p] = {key: state[f"{name}/{key}"].clone() for key in ADAM_KEYS}
 
 
 def _grad_or_zero(p: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ memory grows with its shard, not with the number of domains.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 MODEL_FILE = "model.pt"
+ERROR_FILE = "error.json"
 
 
 @dataclass
@@ -48,8 +50,13 @@ def source_plan(config: RunConfig) -> DomainPlan:
     return plan_domains(interactions, config.runner.workers)
 
 
-def train_distributed(config: RunConfig, storage_dir: Path) -> DistributedOutcome:
-    """Run ``config`` on ``config.runner.workers`` Ray Train workers; ``storage_dir``: Ray's reports."""
+def train_distributed(config: RunConfig, storage_dir: Path, resume_from: Path | None = None) -> DistributedOutcome:
+    """Run ``config`` on ``config.runner.workers`` Ray Train workers.
+
+    ``storage_dir``: where Ray Train keeps this run's reports and checkpoints
+    (each call adds an ``attempt-N`` directory, never touching earlier ones);
+    ``resume_from``: a complete checkpoint directory to continue from.
+    """
     # Workers run in directories of their own: every path they read must be absolute.
     config = config.model_copy(update={"data": config.data.model_copy(update={"store": config.data.store.resolve()})})
     plan = source_plan(config)
@@ -65,16 +72,20 @@ def train_distributed(config: RunConfig, storage_dir: Path) -> DistributedOutcom
     use_gpu = _use_gpu(runner.use_gpu)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "plan": plan.to_json()},
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "plan": plan.to_json(),
+            "resume_from": str(resume_from.resolve()) if resume_from else None,
+        },
         scaling_config=ScalingConfig(
             num_workers=runner.workers, use_gpu=use_gpu, resources_per_worker={"CPU": runner.cpus_per_worker}
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=runner.collective_timeout_s),
         run_config=RayRunConfig(
-            name="ray-train",
+            name=_new_attempt_name(runner.storage_path or storage_dir),
             storage_path=str((runner.storage_path or storage_dir).resolve()),
-            failure_config=FailureConfig(max_failures=0),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=runner.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
@@ -85,6 +96,8 @@ def train_distributed(config: RunConfig, storage_dir: Path) -> DistributedOutcom
     if result.checkpoint is None:
         raise TrainingError("the workers finished without reporting results; see the Ray logs in the run directory")
     with result.checkpoint.as_directory() as directory:
+        if (Path(directory) / ERROR_FILE).is_file():  # the last good checkpoint stays in storage
+            raise TrainingError(json.loads((Path(directory) / ERROR_FILE).read_text())["error"])
         results = json.loads((Path(directory) / RESULTS_FILE).read_text())
         best_state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
     results["plan"] = {"workers": plan.workers, "owner": plan.owner}
@@ -92,6 +105,11 @@ def train_distributed(config: RunConfig, storage_dir: Path) -> DistributedOutcom
 
 
 # --- driver side ------------------------------------------------------------------------
+
+
+def _new_attempt_name(storage: Path) -> str:
+    existing = {path.name for path in storage.glob("attempt-*")} if storage.is_dir() else set()
+    return next(f"attempt-{n}" for n in range(1, len(existing) + 2) if f"attempt-{n}" not in existing)
 
 
 def _connect(config: RunConfig) -> None:
@@ -176,11 +194,12 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
 
+    from metarec_dist.dist.checkpoint import read_checkpoint, write_checkpoint
     from metarec_dist.dist.collective import TorchCollective
     from metarec_dist.dist.optimizer import WorkerOptimizer
     from metarec_dist.meta.trainer import Trainer, load_training_data
 
-    # Restore: the same config and plan in every worker.
+    # The same config and plan in every worker.
     config = RunConfig.model_validate(loop_config["config"])
     plan = DomainPlan.from_json(loop_config["plan"])
     collective = TorchCollective()
@@ -193,17 +212,52 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         make_optimizer=lambda model, inner_lrs, cfg: WorkerOptimizer(model, inner_lrs, cfg, data.target, collective),
     )
 
-    # Loop: every worker reports at every validation (a report is a synchronisation point).
-    def report(entry: dict[str, Any]) -> None:
+    # Restore: this run's last checkpoint (a worker was replaced), else the run being resumed.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            step = read_checkpoint(Path(directory), trainer, trainer.optimizer, plan)
+        log.warning("worker %d restored from its run's checkpoint at step %d", collective.rank, step)
+    elif loop_config.get("resume_from"):
+        read_checkpoint(Path(loop_config["resume_from"]), trainer, trainer.optimizer, plan)
+
+    # Loop: every worker reports at every validation and checkpoint (reports synchronise).
+    every = config.runner.checkpoint_every
+
+    def report_validation(entry: dict[str, Any]) -> None:
         ray.train.report({"step": entry["step"], "train_loss": entry["train_loss"], **entry["valid"]})
 
-    outcome = trainer.run(on_validation=report)
+    def checkpoint_after(step: int) -> None:
+        if every and step % every == 0 and step < config.train.steps and not trainer.loop.stopped:
+            with tempfile.TemporaryDirectory() as directory:
+                write_checkpoint(Path(directory), trainer, trainer.optimizer, plan)
+                ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(directory))
+
+    try:
+        outcome = trainer.run(on_validation=report_validation, after_step=checkpoint_after)
+    except TrainingError as error:
+        # Every worker sees the same losses, so all of them stop here together; reporting the
+        # error (instead of raising) keeps Ray from retrying a run that would fail again, and
+        # the last good checkpoint stays in storage.
+        _report_final(collective.rank, {ERROR_FILE: json.dumps({"error": str(error)}).encode()})
+        return
 
     # Report: the leader's results and best weights travel as the final checkpoint.
-    if collective.rank != 0:
+    model = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in outcome.best_state.items()}, model)
+    _report_final(collective.rank, {RESULTS_FILE: json.dumps(outcome.results or {}).encode(),
+                                    MODEL_FILE: model.getvalue()})
+
+
+def _report_final(rank: int, files: dict[str, bytes]) -> None:
+    """The last report of every worker; the leader's carries ``files`` as a checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if rank != 0:
         ray.train.report({"done": 1})
         return
     with tempfile.TemporaryDirectory() as directory:
-        (Path(directory) / RESULTS_FILE).write_text(json.dumps(outcome.results))
-        torch.save({k: v.detach().cpu() for k, v in outcome.best_state.items()}, Path(directory) / MODEL_FILE)
+        for name, content in files.items():
+            (Path(directory) / name).write_bytes(content)
         ray.train.report({"done": 1}, checkpoint=Checkpoint.from_directory(directory))

@@ -49,6 +49,8 @@ class RunnerConfig(StrictModel):
         "on a multi-node cluster, storage every node can see"
     )
     collective_timeout_s: int = Field(300, ge=10, description="a collective one worker never reaches fails after this")
+    checkpoint_every: int = Field(50, ge=0, description="checkpoint every this many meta-steps (0: never)")
+    max_failures: int = Field(2, ge=0, description="worker failures to recover from, each from the last checkpoint")
     zero_stage: Literal[0, 1, 2] | None = Field(
         2, description="DeepSpeed ZeRO stage of the shared encoder's engine (None: plain replicated Adam)"
     )

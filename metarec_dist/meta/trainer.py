@@ -25,7 +25,6 @@ is broadcast so all workers leave the loop together.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -51,6 +50,7 @@ from metarec_dist.meta.step import (
     TaskBatch,
     initial_inner_lrs,
     meta_step,
+    reduced_names,
 )
 from metarec_dist.model.recommender import SequenceRecommender
 
@@ -91,8 +91,23 @@ def load_training_data(config: RunConfig, sources: list[str] | None = None) -> T
 @dataclass
 class TrainingOutcome:
     results: dict[str, Any] | None  # None in a distributed run's non-leader workers
-    best_state: dict[str, torch.Tensor]
+    best_state: dict[str, torch.Tensor]  # theta and the target's parameters at the best validation
     model: SequenceRecommender
+
+
+@dataclass
+class LoopState:
+    """Where the main loop stands: with the parameters, all a resumed run needs (JSON-able)."""
+
+    step: int = 0  # main-phase steps done; pre-training is done once step > 0
+    best_metric: float = -math.inf
+    best_step: int = 0
+    best_valid: dict[str, float] = field(default_factory=dict)
+    stale: int = 0  # validations since the best
+    stopped: bool = False  # early stopping fired
+    history: list[dict[str, Any]] = field(default_factory=list)
+    pending_losses: list[float] = field(default_factory=list)  # since the last validation
+    seconds: float = 0.0  # training time spent before this process started
 
 
 @dataclass
@@ -108,6 +123,17 @@ class _SourceWeights:
             self.total_relative[source] += weight * len(sources)  # 1.0 = a uniform share
             self.times_sampled[source] += 1
         self.history.append({"step": step, "sources": sources, "similarities": similarities, "weights": weights})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"total_relative": dict(self.total_relative), "times_sampled": dict(self.times_sampled),
+                "history": self.history}
+
+    def load_json(self, values: dict[str, Any]) -> None:
+        self.total_relative.clear()
+        self.total_relative.update(values["total_relative"])
+        self.times_sampled.clear()
+        self.times_sampled.update(values["times_sampled"])
+        self.history[:] = values["history"]
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {
@@ -151,6 +177,8 @@ class Trainer:
             raise ConfigError("data.limited_target_fraction: no target user keeps training data; raise it")
         self.length = config.model.encoder.max_length
         self.weights = _SourceWeights()
+        self.loop = LoopState()
+        self.best_state: dict[str, torch.Tensor] | None = None
 
     @property
     def _is_meta(self) -> bool:
@@ -239,65 +267,48 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------
 
-    def run(self, on_validation: Callable[[dict[str, Any]], None] | None = None) -> TrainingOutcome:
-        """Train, validate, select, test. ``on_validation(entry)`` runs in every process at each validation.
+    def run(
+        self,
+        on_validation: Callable[[dict[str, Any]], None] | None = None,
+        after_step: Callable[[int], None] | None = None,
+    ) -> TrainingOutcome:
+        """Train, validate, select, test; from ``self.loop`` on (a resumed run has restored it).
 
-        In a distributed run only the leader's outcome carries results; the
-        others return ``results=None`` (their state is their shard's tables).
+        ``on_validation(entry)`` runs in every process at each validation, and
+        ``after_step(step)`` after every main step once its bookkeeping is
+        done (where checkpoints are taken). In a distributed run only the
+        leader's outcome carries results; the others return ``results=None``.
         """
-        train = self.config.train
+        train, loop = self.config.train, self.loop
         leader = self.collective.rank == 0
-        started = time.perf_counter()
-        history: list[dict[str, Any]] = []
-        for step in tqdm(range(train.pretrain_steps), desc="pre-training on sources", disable=not self.progress):
-            self._joint_step(step)
-            self._maybe_reinit_codes(step)
+        started = time.perf_counter() - loop.seconds
+        if loop.step == 0:
+            for step in tqdm(range(train.pretrain_steps), desc="pre-training on sources", disable=not self.progress):
+                self._joint_step(step)
+                self._maybe_reinit_codes(step)
 
         main_step = self._meta_step if self._is_meta else self._target_step
-        best, best_step, best_state, best_valid, stale = -math.inf, 0, None, {}, 0
-        losses: list[float] = []
-        bar = tqdm(range(1, train.steps + 1), desc=self.config.method, disable=not self.progress)
-        for step in bar:
-            losses.append(main_step(step))
-            if step % train.eval_every and step != train.steps:
+        steps = range(loop.step + 1, train.steps + 1)
+        bar = tqdm(steps, desc=self.config.method, disable=not self.progress or loop.stopped)
+        for step in bar if not loop.stopped else ():
+            loop.pending_losses.append(main_step(step))
+            loop.step = step
+            if step % train.eval_every == 0 or step == train.steps:
+                entry = self._validate(step, started, leader)
+                bar.set_postfix(loss=f"{entry['train_loss']:.3f}", valid=f"{entry['valid'][train.selection_metric]:.4f}")
+                if on_validation is not None:
+                    on_validation(entry)
+            else:
                 self._maybe_reinit_codes(step)
-                continue
-            # A validation step: read the codebook's health before dead codes are replaced.
-            health = self._codebook_health()
-            entry, stop = None, False
-            if leader:
-                valid = self.evaluate("valid")
-                metric = valid[train.selection_metric]
-                entry = {
-                    "step": step,
-                    "seconds": time.perf_counter() - started,
-                    "train_loss": float(np.mean(losses)),
-                    "valid": valid,
-                    **health,
-                }
-                history.append(entry)
-                log.info("step %d loss %.4f valid %s %.4f", step, entry["train_loss"], train.selection_metric, metric)
-                bar.set_postfix(loss=f"{entry['train_loss']:.3f}", valid=f"{metric:.4f}")
-                if metric > best:
-                    best, best_step, best_valid, stale = metric, step, valid, 0
-                    best_state = copy.deepcopy(self.model.state_dict())
-                else:
-                    stale += 1
-                    stop = stale >= train.patience
-                    if stop:
-                        log.info("early stop at step %d (best %s %.4f at step %d)",
-                                 step, train.selection_metric, best, best_step)
-            entry, stop = self.collective.broadcast_object((entry, stop))
-            losses.clear()
-            self._maybe_reinit_codes(step)
-            if on_validation is not None:
-                on_validation(entry)
-            if stop:
+            loop.seconds = time.perf_counter() - started
+            if after_step is not None:
+                after_step(step)
+            if loop.stopped:
                 break
 
         if not leader:
             return TrainingOutcome(results=None, best_state=self.model.state_dict(), model=self.model)
-        self.model.load_state_dict(best_state)
+        self.model.load_state_dict(self.best_state, strict=False)
         test = self.evaluate("test")
         results = {
             "method": self.config.method,
@@ -307,18 +318,54 @@ class Trainer:
             "training_users": int(len(self.training_rows)),
             "seed": train.seed,
             "workers": self.collective.world_size,
-            "best_step": best_step,
-            "steps_run": history[-1]["step"],
+            "best_step": loop.best_step,
+            "steps_run": loop.history[-1]["step"],
             "wall_seconds": time.perf_counter() - started,
             "selection_metric": train.selection_metric,
-            "validation": best_valid,
+            "validation": loop.best_valid,
             "test": test,
-            "history": history,
+            "history": loop.history,
             "parameters": sum(p.numel() for p in self.model.parameters()),  # this process's
         }
         if self._is_meta:
             results["source_weights"] = {"final": self.weights.summary(), "history": self.weights.history}
-        return TrainingOutcome(results=results, best_state=best_state, model=self.model)
+        return TrainingOutcome(results=results, best_state=self.best_state, model=self.model)
+
+    def _validate(self, step: int, started: float, leader: bool) -> dict[str, Any]:
+        """The leader validates and decides on early stopping; every process gets its entry and decision."""
+        train, loop = self.config.train, self.loop
+        health = self._codebook_health()  # read before dead codes are replaced
+        entry = None
+        if leader:
+            valid = self.evaluate("valid")
+            metric = valid[train.selection_metric]
+            entry = {
+                "step": step,
+                "seconds": time.perf_counter() - started,
+                "train_loss": float(np.mean(loop.pending_losses)),
+                "valid": valid,
+                **health,
+            }
+            loop.history.append(entry)
+            log.info("step %d loss %.4f valid %s %.4f", step, entry["train_loss"], train.selection_metric, metric)
+            if metric > loop.best_metric:
+                loop.best_metric, loop.best_step, loop.best_valid, loop.stale = metric, step, valid, 0
+                self.best_state = self._target_model_state()
+            else:
+                loop.stale += 1
+                loop.stopped = loop.stale >= train.patience
+                if loop.stopped:
+                    log.info("early stop at step %d (best %s %.4f at step %d)",
+                             step, train.selection_metric, loop.best_metric, loop.best_step)
+        entry, loop.stopped = self.collective.broadcast_object((entry, loop.stopped))
+        loop.pending_losses.clear()
+        self._maybe_reinit_codes(step)
+        return entry
+
+    def _target_model_state(self) -> dict[str, torch.Tensor]:
+        """What recommending in the target needs: theta and the target's own parameters (copies)."""
+        state = self.model.state_dict()
+        return {name: state[name].detach().clone() for name in reduced_names(self.model, self.data.target)}
 
     # --- the codebook at step boundaries ----------------------------------------------
 

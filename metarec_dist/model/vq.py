@@ -78,7 +78,7 @@ class VectorQuantizer(nn.Module):
         self.codebooks = nn.Parameter(torch.randn(config.num_codebooks, config.codewords, self.code_width) * 0.1)
         # Health statistics: buffers, not parameters (no gradients, not meta-learned).
         self.register_buffer("usage", torch.zeros(config.num_codebooks, config.codewords), persistent=False)
-        self._recent: torch.Tensor | None = None
+        self.recent: torch.Tensor | None = None  # recently quantized sub-vectors: dead-code replacements
 
     def forward(self, z: torch.Tensor) -> Quantized:
         """Quantize z [..., D]."""
@@ -146,7 +146,7 @@ class VectorQuantizer(nn.Module):
         counts = torch.zeros_like(self.usage)
         counts.scatter_add_(1, codes.t(), torch.ones_like(codes.t(), dtype=counts.dtype))
         self.usage += counts
-        self._recent = sub[-4096:].float()  # what each codebook quantized: candidates for dead codes
+        self.recent = sub[-4096:].float()  # what each codebook quantized: candidates for dead codes
 
     @torch.no_grad()
     def health(self, usage: torch.Tensor | None = None) -> dict[str, float]:
@@ -165,12 +165,12 @@ class VectorQuantizer(nn.Module):
     def reinit_dead_codes(self, generator: torch.Generator | None = None) -> int:
         """Replace codewords unused since the last call by recent sub-vectors; reset counts."""
         replaced = 0
-        if self._recent is not None and self.usage.sum() > 0:
+        if self.recent is not None and self.usage.sum() > 0:
             for book in range(self.config.num_codebooks):
                 dead = torch.nonzero(self.usage[book] <= self.config.dead_code_threshold).flatten()
                 if len(dead):
-                    pick = torch.randint(len(self._recent), (len(dead),), generator=generator)
-                    self.codebooks[book, dead] = self._recent[pick, book].to(self.codebooks.dtype)
+                    pick = torch.randint(len(self.recent), (len(dead),), generator=generator)
+                    self.codebooks[book, dead] = self.recent[pick, book].to(self.codebooks.dtype)
                     replaced += len(dead)
         self.usage.zero_()
         return replaced

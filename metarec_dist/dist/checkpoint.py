@@ -1,0 +1,173 @@
+"""Checkpoints of a distributed run: plain tensors and JSON, independent of the number of workers.
+
+One directory per checkpointed meta-step, assembled by Ray Train from every
+worker's files:
+
+    state.json            rank 0: the loop state, per-source weights, the plan, the world size
+    shared.pt             rank 0: theta (encoder, codebook), the target's parameters, learned inner rates
+    shared_optimizer.pt   rank 0: their Adam moments at full size (ZeRO partitions and codebook
+                          shards gathered first), so any number of workers can load them
+    best.pt               rank 0: the best validated weights so far (theta and the target's)
+    sources/<domain>.pt   each source's owner: the source's parameters and Adam moments
+    rng-<rank>.json       each worker's batch sampler and torch random state
+    done-<rank>.json      written last by each worker, naming its files: a checkpoint is
+                          complete when every rank of ``state.json``'s world size has one
+
+Nothing is ever unpickled: tensors load with ``weights_only=True``. A resumed
+run with the same number of workers continues each worker's random streams; with
+another number, the streams are re-seeded from (seed, rank, step) and the
+sources are dealt by a new plan (each worker reads the files of the sources it
+now owns).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metarec_dist.dist.optimizer import WorkerOptimizer
+from metarec_dist.dist.plan import DomainPlan
+from metarec_dist.errors import TrainingError
+from metarec_dist.meta.step import reduced_names
+from metarec_dist.meta.trainer import LoopState, Trainer
+
+FORMAT_VERSION = 1
+
+
+def write_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimizer, plan: DomainPlan) -> None:
+    """This worker's part of the checkpoint, into ``directory`` (a collective: every worker calls it)."""
+    rank, world_size = trainer.collective.rank, trainer.collective.world_size
+    shared_moments, own_moments = optimizer.consolidated_state()  # gathers partitions: everyone calls
+    codebook_usage = _codebook_usage(trainer)  # summed over workers: everyone calls
+    state = trainer.model.state_dict()
+    written: list[str] = []
+
+    def save(name: str, tensors: dict[str, torch.Tensor]) -> None:
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu().clone() for k, v in tensors.items()}, path)
+        written.append(name)
+
+    if rank == 0:
+        shared_names = reduced_names(trainer.model, trainer.data.target)
+        save("shared.pt", {**{n: state[n] for n in shared_names}, **_inner_rates(trainer), **codebook_usage})
+        save("shared_optimizer.pt", shared_moments)
+        save("best.pt", trainer.best_state or {})
+        (directory / "state.json").write_text(json.dumps({
+            "format": FORMAT_VERSION,
+            "world_size": world_size,
+            "step": trainer.loop.step,
+            "loop": trainer.loop.__dict__,
+            "source_weights": trainer.weights.to_json(),
+            "plan": json.loads(plan.to_json()),
+        }))
+        written.append("state.json")
+    for source in plan.shard(rank):
+        names = trainer.model.local_names(source)
+        save(f"sources/{source}.pt", {
+            **{n: state[n] for n in names},
+            **{k: v for k, v in own_moments.items() if k.rsplit("/", 1)[0] in names},
+        })
+    (directory / f"rng-{rank}.json").write_text(json.dumps({
+        "sampler": trainer.rng.bit_generator.state,
+        "torch": torch.get_rng_state().tolist(),
+    }))
+    written.append(f"rng-{rank}.json")
+    (directory / f"done-{rank}.json").write_text(json.dumps({"files": written}))
+
+
+def is_complete(directory: Path) -> bool:
+    """Every worker finished writing its part (a crash while writing leaves it incomplete)."""
+    try:
+        world_size = json.loads((directory / "state.json").read_text())["world_size"]
+        for rank in range(world_size):
+            files = json.loads((directory / f"done-{rank}.json").read_text())["files"]
+            if not all((directory / name).is_file() for name in files):
+                return False
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
+
+
+def latest_complete(storage: Path) -> Path | None:
+    """The complete checkpoint of the highest step under ``storage`` (any attempt), or None."""
+    found = []
+    for state in storage.glob("**/state.json"):
+        if is_complete(state.parent):
+            found.append((json.loads(state.read_text())["step"], str(state.parent)))
+    return Path(max(found)[1]) if found else None
+
+
+@torch.no_grad()
+def read_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimizer, plan: DomainPlan) -> int:
+    """Load the checkpoint into this worker's trainer and optimizer; returns the step it was taken at."""
+    if not is_complete(directory):
+        raise TrainingError(f"{directory}: incomplete checkpoint (a worker did not finish writing it)")
+    rank = trainer.collective.rank
+    meta = json.loads((directory / "state.json").read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise TrainingError(f"{directory}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
+
+    def load(name: str) -> dict[str, torch.Tensor]:
+        return torch.load(directory / name, map_location="cpu", weights_only=True)
+
+    shared = load("shared.pt")
+    moments = load("shared_optimizer.pt")
+    parameters = {k: v for k, v in shared.items() if not k.startswith(("inner_lr.", USAGE, RECENT))}
+    for source in plan.shard(rank):
+        values = load(f"sources/{source}.pt")
+        parameters.update({k: v for k, v in values.items() if "/" not in k})
+        moments.update({k: v for k, v in values.items() if "/" in k})
+    missing = trainer.model.load_state_dict(parameters, strict=False).missing_keys
+    if missing:
+        raise TrainingError(f"{directory}: checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
+    for index, rate in enumerate(trainer.inner_lrs):
+        rate.copy_(shared[f"inner_lr.{index}"])
+    optimizer.load_consolidated_state(moments)
+    quantizer = trainer.model.quantizer
+    if quantizer is not None and USAGE in shared:
+        # The leader holds every worker's counts since the last re-initialisation (their sum
+        # is what re-initialisation and health read), and the vectors it picks from.
+        quantizer.usage.copy_(shared[USAGE] if rank == 0 else torch.zeros_like(quantizer.usage))
+        quantizer.recent = shared.get(RECENT) if rank == 0 else None
+
+    trainer.loop = LoopState(**meta["loop"])
+    trainer.weights.load_json(meta["source_weights"])
+    best = load("best.pt")
+    trainer.best_state = best or None
+    _restore_random_streams(directory, trainer, same_world=meta["world_size"] == trainer.collective.world_size)
+    return int(meta["step"])
+
+
+def _restore_random_streams(directory: Path, trainer: Trainer, same_world: bool) -> None:
+    rank = trainer.collective.rank
+    if same_world:
+        saved: dict[str, Any] = json.loads((directory / f"rng-{rank}.json").read_text())
+        trainer.rng.bit_generator.state = saved["sampler"]
+        torch.set_rng_state(torch.tensor(saved["torch"], dtype=torch.uint8))
+        return
+    # Another number of workers: fresh, reproducible streams for this rank from here on.
+    seed, step = trainer.config.train.seed, trainer.loop.step
+    trainer.rng = np.random.default_rng([seed, rank, step])
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+USAGE, RECENT = "codebook_usage", "codebook_recent"
+
+
+def _codebook_usage(trainer: Trainer) -> dict[str, torch.Tensor]:
+    quantizer = trainer.model.quantizer
+    if quantizer is None:
+        return {}
+    usage = quantizer.usage.clone()
+    trainer.collective.all_reduce_sum_([usage])
+    recent = quantizer.recent
+    return {USAGE: usage, **({RECENT: recent} if recent is not None else {})}
+
+
+def _inner_rates(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {f"inner_lr.{index}": rate for index, rate in enumerate(trainer.inner_lrs)}
