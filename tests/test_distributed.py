@@ -152,3 +152,85 @@ def test_more_workers_than_source_domains_fails_before_starting(ray_cluster, syn
     config = write_config(tmp_path, synthetic_store, runner={"workers": 5})
     assert main(["train", str(config)]) == 2
     assert "runner.workers" in capsys.readouterr().err
+
+
+# --- faults: a killed worker, a stopped run ------------------------------------------------
+
+
+def kill_one_worker_after_a_checkpoint(storage, deadline_s=240):
+    """In the background: once a complete checkpoint exists under ``storage``, SIGKILL one Ray Train worker."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from metarec_dist.dist.checkpoint import latest_complete
+
+    killed = []
+
+    def watch():
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end and not killed:
+            if storage.is_dir() and latest_complete(storage) is not None:
+                for process in psutil.process_iter(["pid", "cmdline"]):
+                    if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+                        os.kill(process.info["pid"], signal.SIGKILL)
+                        killed.append(process.info["pid"])
+                        return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, killed
+
+
+LONG_RUN = {"steps": 120, "batch_size": 16, "eval_every": 40, "learning_rate": 0.003, "patience": 10}
+
+
+def test_a_killed_worker_is_replaced_and_the_run_ends_as_an_unbroken_one(
+    ray_cluster, synthetic_store, tmp_path, capsys
+):
+    from metarec_dist.cli import main
+
+    def run(name, kill):
+        base = tmp_path / name
+        base.mkdir()
+        config = write_config(base, synthetic_store, train=LONG_RUN,
+                              runner={"workers": 2, "checkpoint_every": 30, "max_failures": 2, "zero_stage": 2})
+        watcher, killed = (kill_one_worker_after_a_checkpoint(base / "runs") if kill else (None, []))
+        assert main(["train", str(config)]) == 0
+        if watcher:
+            watcher.join(timeout=1)
+        (run_dir,) = (base / "runs").iterdir()
+        return json.loads((run_dir / "results.json").read_text()), killed
+
+    unbroken, _ = run("unbroken", kill=False)
+    recovered, killed = run("killed", kill=True)
+    assert killed, "no worker was killed: the test did not exercise recovery"
+    assert recovered["steps_run"] == unbroken["steps_run"] == LONG_RUN["steps"]
+    # Restored parameters, optimizer moments and random streams: the same numbers, up to summation order.
+    assert recovered["test"]["NDCG@10"] == pytest.approx(unbroken["test"]["NDCG@10"], abs=1e-3)
+
+
+def test_a_stopped_run_resumes_on_another_number_of_workers(ray_cluster, synthetic_store, tmp_path, capsys):
+    from metarec_dist.cli import main
+
+    config = write_config(tmp_path, synthetic_store, train=LONG_RUN,
+                          runner={"workers": 2, "checkpoint_every": 30, "max_failures": 0, "zero_stage": 2})
+    watcher, killed = kill_one_worker_after_a_checkpoint(tmp_path / "runs")
+    assert main(["train", str(config)]) == 2  # no retries allowed: the run stops
+    watcher.join(timeout=1)
+    assert killed
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not (run_dir / "results.json").exists()
+    capsys.readouterr()
+
+    assert main(["train", "--resume", str(run_dir), "--set", "runner.workers=1"]) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["workers"] == 1 and results["steps_run"] == LONG_RUN["steps"]
+    assert set(results["source_weights"]["final"]) == set(results["sources"])
+    state = torch.load(run_dir / "model.pt", weights_only=True)  # consolidated: no DeepSpeed, no Ray
+    assert "quantizer.codebooks" in state and any(name.startswith("domains.syn-target.") for name in state)
+
+    assert main(["train", "--resume", str(run_dir)]) == 2  # finished runs are never resumed over
