@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -50,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+from machine import machine_description
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 1234
@@ -135,40 +135,6 @@ def make_csv(path: Path, interactions: int, users: int, items: int, seed: int) -
     pacsv.write_csv(table, path)
 
 
-# --- machine -----------------------------------------------------------------------
-
-
-def machine_description() -> dict:
-    cpu_model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    ram_bytes = None
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    ram_bytes = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "ram_gib": round(ram_bytes / 2**30, 1) if ram_bytes else None,
-        "gpu": "none",
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "pyarrow": pa.__version__,
-        "numpy": np.__version__,
-    }
-
-
 # --- one measurement ---------------------------------------------------------------
 
 
@@ -218,7 +184,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "import.json")
     args = parser.parse_args()
 
-    machine = machine_description()
+    machine = machine_description(pyarrow=pa.__version__, numpy=np.__version__)
     print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores, {machine['ram_gib']} GiB RAM, GPU: none")
     print(f"python {machine['python']}, pyarrow {machine['pyarrow']}, numpy {machine['numpy']}")
     print(

@@ -12,29 +12,18 @@ ratio and writes JSON with the machine.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from machine import machine_description
 from metarec_dist.config import load_config
 from metarec_dist.meta.config import RunConfig
 from metarec_dist.meta.trainer import Trainer, load_training_data
 from metarec_dist.report.run_directory import write_json
 from metarec_dist.report.tables import format_table
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -46,8 +35,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/train_step.json"))
     args = parser.parse_args()
 
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": torch.cuda.is_available(),
-               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    machine = machine_description(torch=torch.__version__, threads=str(torch.get_num_threads()))
     print(f"machine: {machine}")
     rows = []
     for precision in ("fp32", "bf16"):

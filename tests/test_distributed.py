@@ -145,6 +145,12 @@ def test_train_command_runs_on_two_workers_and_writes_results(ray_cluster, synth
     # The similarity softmax ran over every worker's tasks.
     assert set(results["source_weights"]["final"]) == set(results["sources"])
     assert 0 <= results["test"]["NDCG@10"] <= 1 and results["steps_run"] == 6
+    # Each worker holds the shared parameters and the target's, and only its own sources' tables.
+    per_worker = results["per_worker"]
+    assert [w["sources"] for w in per_worker] == [len([s for s in owners.values() if s == r]) for r in (0, 1)]
+    assert per_worker[0]["parameters"]["shared"] == per_worker[1]["parameters"]["shared"]
+    total_sources = sum(w["parameters"]["sources"] for w in per_worker)
+    assert all(0 < w["parameters"]["sources"] < total_sources for w in per_worker)
 
 
 def test_more_workers_than_source_domains_fails_before_starting(ray_cluster, synthetic_store, tmp_path, capsys):
@@ -234,3 +240,12 @@ def test_a_stopped_run_resumes_on_another_number_of_workers(ray_cluster, synthet
     assert "quantizer.codebooks" in state and any(name.startswith("domains.syn-target.") for name in state)
 
     assert main(["train", "--resume", str(run_dir)]) == 2  # finished runs are never resumed over
+
+
+def test_more_workers_than_the_cluster_has_cpus_fails_with_the_numbers(ray_cluster, synthetic_store, tmp_path, capsys):
+    from metarec_dist.cli import main
+
+    config = write_config(tmp_path, synthetic_store, runner={"workers": 3})
+    assert main(["train", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert "runner.workers" in error and "the Ray cluster has 2" in error

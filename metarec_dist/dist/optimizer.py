@@ -110,7 +110,7 @@ class WorkerOptimizer:
     # --- the torch optimizer interface ------------------------------------------------
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.model.parameters():
+        for p in self.model.parameter_index().values():
             p.grad = None
         for p in self.replicated:
             p.grad = None
@@ -140,14 +140,16 @@ class WorkerOptimizer:
             return
         gradient = _grad_or_zero(self.codebooks)
         sum_over_workers([gradient], self.collective)
+        updated = torch.zeros_like(self.codebooks)
         if self.codebook_shard is not None:
             # Start from the replica: dead-code re-initialisation may have replaced codewords.
             self.codebook_shard.copy_(self.codebooks[self.owned_codebooks])
             self.codebook_shard.grad = gradient[self.owned_codebooks]
             self.codebook_adam.step()
-            self.codebooks[self.owned_codebooks] = self.codebook_shard
-        for m in range(self.codebooks.shape[0]):  # codebook m from its owner to every worker
-            self.collective.broadcast_(self.codebooks.data[m], codebook_owner(m, self.collective.world_size))
+            updated[self.owned_codebooks] = self.codebook_shard
+        # Every codebook from its owner to every worker, in one collective (one owner each, zeros elsewhere).
+        self.collective.all_reduce_sum_([updated])
+        self.codebooks.copy_(updated)
 
     def _step_encoder(self) -> None:
         gradients = [_grad_or_zero(p).clone() for p in self.encoder_parameters]

@@ -84,7 +84,7 @@ class TaskResult:
 def _loss(model: SequenceRecommender, params: Params, domain: str, batch: NextItemBatch) -> torch.Tensor:
     inputs = torch.as_tensor(batch.inputs)
     targets = torch.as_tensor(batch.targets)
-    return functional_call(model, params, (domain, inputs, targets), strict=False).loss
+    return functional_call(model.restricted_to((domain,)), params, (domain, inputs, targets), strict=False).loss
 
 
 def run_task(
@@ -96,7 +96,7 @@ def run_task(
 ) -> TaskResult:
     """Inner loop on the source's support batch, then the target query (one task)."""
     shared = model.shared_names()
-    parameters = dict(model.named_parameters())
+    parameters = model.parameter_index()
     theta = {name: parameters[name] for name in shared}
     source_local = {name: parameters[name] for name in model.local_names(task.source)}
     target_local = {name: parameters[name] for name in model.local_names(target)}
@@ -326,7 +326,7 @@ def apply_gradients(
     model: SequenceRecommender, results: list[TaskResult], weights: torch.Tensor, inner_lrs: list[torch.Tensor]
 ) -> None:
     """Set .grad: shared and target-local get sum_i w_i g_i; each source its own support gradient."""
-    parameters = dict(model.named_parameters())
+    parameters = model.parameter_index()
     weighted = {
         **combine([r.meta_gradient for r in results], weights),
         **combine([r.target_local_gradient for r in results], weights),

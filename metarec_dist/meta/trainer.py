@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -306,6 +307,7 @@ class Trainer:
             if loop.stopped:
                 break
 
+        per_worker = self.collective.all_gather_object(self._what_this_process_holds())
         if not leader:
             return TrainingOutcome(results=None, best_state=self.model.state_dict(), model=self.model)
         self.model.load_state_dict(self.best_state, strict=False)
@@ -318,6 +320,7 @@ class Trainer:
             "training_users": int(len(self.training_rows)),
             "seed": train.seed,
             "workers": self.collective.world_size,
+            "per_worker": per_worker,
             "best_step": loop.best_step,
             "steps_run": loop.history[-1]["step"],
             "wall_seconds": time.perf_counter() - started,
@@ -361,6 +364,20 @@ class Trainer:
         loop.pending_losses.clear()
         self._maybe_reinit_codes(step)
         return entry
+
+    def _what_this_process_holds(self) -> dict[str, Any]:
+        """Sources, parameter counts and peak memory of this process (per worker in results)."""
+        shared = set(self.model.shared_names())
+        counts = {"shared": 0, "target": 0, "sources": 0}
+        target = set(self.model.local_names(self.data.target))
+        for name, p in self.model.named_parameters():
+            counts["shared" if name in shared else "target" if name in target else "sources"] += p.numel()
+        return {
+            "rank": self.collective.rank,
+            "sources": len(self.data.sources),
+            "parameters": counts,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        }
 
     def _target_model_state(self) -> dict[str, torch.Tensor]:
         """What recommending in the target needs: theta and the target's own parameters (copies)."""

@@ -12,6 +12,7 @@ embeddings of the shared width and no codebook exists.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from typing import Literal
@@ -130,12 +131,37 @@ class SequenceRecommender(nn.Module):
 
     # --- parameter groups -------------------------------------------------------
 
+    # Parameters are fixed once built; these lookups are cached because walking the module
+    # tree costs O(domains) per call, which a meta-step must not pay with hundreds of domains.
+
+    def parameter_index(self) -> dict[str, nn.Parameter]:
+        """name -> parameter, for every parameter (cached)."""
+        if "_parameter_index" not in self.__dict__:
+            self.__dict__["_parameter_index"] = dict(self.named_parameters())
+        return self.__dict__["_parameter_index"]
+
     def shared_names(self) -> list[str]:
-        return [name for name, _ in self.named_parameters() if name.startswith(SHARED_PREFIXES)]
+        return [name for name in self.parameter_index() if name.startswith(SHARED_PREFIXES)]
 
     def local_names(self, domain: str) -> list[str]:
         prefix = f"domains.{module_key(domain)}."
-        return [name for name, _ in self.named_parameters() if name.startswith(prefix)]
+        return [name for name in self.parameter_index() if name.startswith(prefix)]
+
+    def restricted_to(self, domains: tuple[str, ...]) -> SequenceRecommender:
+        """A view holding only ``domains``' tables; every module (so every parameter) is shared.
+
+        ``torch.func.functional_call`` walks every parameter of the module it is
+        given; a task touches the shared parts and one or two domains, so it runs
+        on this view and its cost does not grow with the number of domains.
+        """
+        views = self.__dict__.setdefault("_views", {})
+        if domains not in views:
+            view = copy.copy(self)  # shallow: the same submodules, parameters and buffers
+            view.__dict__ = {k: v for k, v in self.__dict__.items() if k not in ("_views", "_parameter_index")}
+            view._modules = dict(self._modules)
+            view._modules["domains"] = nn.ModuleDict({module_key(d): self.domains[module_key(d)] for d in domains})
+            views[domains] = view
+        return views[domains]
 
     # --- forward pieces ----------------------------------------------------------
 

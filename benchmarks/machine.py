@@ -1,0 +1,39 @@
+"""The machine a benchmark ran on, for its JSON and its printed header."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def _first_line_value(path: str, prefix: str) -> str | None:
+    try:
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def machine_description(**versions: str) -> dict:
+    """CPU model, cores, memory, GPU, OS and Python, plus any library ``versions`` given."""
+    memory = _first_line_value("/proc/meminfo", "MemTotal")
+    gpu = "none"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {
+        "cpu_model": _first_line_value("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+        "cpu_count": os.cpu_count(),
+        "ram_gib": round(int(memory.split()[0]) / 2**20, 1) if memory else None,
+        "gpu": gpu,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        **versions,
+    }
