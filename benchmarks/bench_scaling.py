@@ -3,8 +3,10 @@
 Data: synthetic stores (``metarec_dist.data.synthetic``) with 2 to 256 related
 source domains of 150-400 users and 100-300 items each, and the default target
 keeping 10% of its users. Model: ``configs/quickstart.yaml`` (width 32, one
-encoder layer, 4 x 32 product codebook), ZeRO-2 encoder engine, 2 tasks per
-meta-step per worker, no checkpoints.
+encoder layer, 4 x 32 product codebook), ZeRO-2 encoder engine, no
+checkpoints, and ``--tasks-per-step`` tasks per meta-step per worker (default
+1: with 2 sources on 2 workers a worker owns a single source, so every
+setting runs the same work per worker).
 
 For each setting, one Ray Train run of ``--steps`` meta-steps, validated at
 the half and at the end; the rate is the second half's meta-steps over its
@@ -48,10 +50,10 @@ def make_store(root: Path, sources: int) -> tuple[DomainStore, list[str]]:
     return store, [r.name for r in results if r.kind != "target"]
 
 
-def one_run(store: DomainStore, sources: list[str], workers: int, steps: int, workdir: Path) -> dict:
+def one_run(store: DomainStore, sources: list[str], workers: int, steps: int, tasks: int, workdir: Path) -> dict:
     config = load_config(RunConfig, QUICKSTART, [
         f"data.store={store.root}", f"data.sources={sources}", f"train.steps={steps}",
-        f"train.eval_every={steps // 2}", "train.patience=10", "meta.tasks_per_step=2",
+        f"train.eval_every={steps // 2}", "train.patience=10", f"meta.tasks_per_step={tasks}",
         f"runner.workers={workers}", "runner.checkpoint_every=0", "runner.zero_stage=2",
         f"output_dir={workdir}",
     ])
@@ -74,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", nargs="+", type=int, default=[2, 16, 64, 256])
     parser.add_argument("--steps", type=int, default=80, help="meta-steps per run (rate over the second half)")
+    parser.add_argument("--tasks-per-step", type=int, default=1, help="tasks per meta-step per worker")
     parser.add_argument("--repeats", type=int, default=1, help="runs per setting; the median rate is reported")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/scaling.json"))
     args = parser.parse_args()
@@ -86,7 +89,7 @@ def main() -> None:
         settings = [("domains", n, 2) for n in args.domains] + [("weak", 16, 1), ("weak", 32, 2)]
         for sweep, count, workers in settings:
             store, sources = make_store(workdir, count)
-            runs = [one_run(store, sources, workers, args.steps, workdir) for _ in range(args.repeats)]
+            runs = [one_run(store, sources, workers, args.steps, args.tasks_per_step, workdir) for _ in range(args.repeats)]
             rates = [run["meta_steps_per_s"] for run in runs]
             row = {**runs[0], "sweep": sweep, "meta_steps_per_s": statistics.median(rates), "rates": rates}
             print(f"{sweep:7s} {count:4d} sources on {workers} worker(s): {row['meta_steps_per_s']:.2f} meta-steps/s, "
@@ -111,7 +114,8 @@ def main() -> None:
     ))
     print(f"\nweak scaling (16 sources per worker): 1 worker {one['meta_steps_per_s']:.2f} meta-steps/s, "
           f"2 workers {two['meta_steps_per_s']:.2f}: efficiency {efficiency:.1%}")
-    write_json(args.output, {"machine": machine, "steps": args.steps, "repeats": args.repeats, "runs": rows,
+    write_json(args.output, {"machine": machine, "steps": args.steps, "repeats": args.repeats,
+                             "tasks_per_step": args.tasks_per_step, "runs": rows,
                              "weak_scaling_efficiency": efficiency})
     print(f"wrote {args.output}")
 

@@ -90,6 +90,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from metarec_dist.config import load_config
     from metarec_dist.meta.config import RunConfig
     from metarec_dist.meta.trainer import Trainer, load_training_data
+    from metarec_dist.report.plots import write_plots
+    from metarec_dist.report.progress import ProgressPrinter
     from metarec_dist.report.run_directory import create_run_dir, save_state, write_json, write_yaml
     from metarec_dist.report.summary import format_run_summary
 
@@ -120,13 +122,19 @@ def cmd_train(args: argparse.Namespace) -> None:
 
             where = f", resuming from {resume_from}" if resume_from else ""
             print(f"training on {config.runner.workers} Ray Train workers{where}", file=sys.stderr)
-            outcome = train_distributed(config, run_dir / "ray", resume_from)
+            progress = ProgressPrinter(config.train.steps, config.train.selection_metric)
+            try:
+                outcome = train_distributed(config, run_dir / "ray", resume_from, on_progress=progress)
+            finally:
+                progress.close()
         save_state(run_dir / "model.pt", outcome.best_state)
         write_json(run_dir / "results.json", outcome.results)
+        plots = write_plots(outcome.results, run_dir)
     finally:
         package_log.removeHandler(file_log)
         file_log.close()
     print(format_run_summary(outcome.results))
+    print(f"plots: {', '.join(str(path) for path in plots)}")
     print(f"results: {run_dir / 'results.json'}")
 
 

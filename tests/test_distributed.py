@@ -249,3 +249,32 @@ def test_more_workers_than_the_cluster_has_cpus_fails_with_the_numbers(ray_clust
     assert main(["train", str(config)]) == 2
     error = capsys.readouterr().err
     assert "runner.workers" in error and "the Ray cluster has 2" in error
+
+
+def test_a_non_finite_loss_stops_every_worker_with_the_step_and_domain(ray_cluster, synthetic_store, tmp_path, capsys):
+    from metarec_dist.cli import main
+
+    config = write_config(tmp_path, synthetic_store, runner={"workers": 2, "max_failures": 2},
+                          meta={"tasks_per_step": 2, "inner_lr": 1e30})  # fast weights overflow at once
+    assert main(["train", str(config)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: step 1:") and "syn-target" in error and "Traceback" not in error
+
+
+def test_two_hundred_fifty_six_source_domains_train_on_two_workers(ray_cluster, tmp_path, capsys):
+    from metarec_dist.cli import main
+    from metarec_dist.data.store import DomainStore
+    from metarec_dist.data.synthetic import SyntheticConfig, generate_store
+
+    store = DomainStore(tmp_path / "store")
+    generated = generate_store(SyntheticConfig(related_sources=256, unrelated_sources=0, noise_sources=0,
+                                               target_users=300, target_items=200, source_users=(30, 60),
+                                               source_items=(30, 60)), store)
+    sources = [g.name for g in generated if g.kind != "target"]
+    config = write_config(tmp_path, store, runner={"workers": 2}, data={
+        "store": str(store.root), "target": "syn-target", "sources": sources, "limited_target_fraction": 0.5})
+    assert main(["train", str(config)]) == 0
+    results_path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results: ")
+    results = json.loads(open(results_path).read())
+    assert [w["sources"] for w in results["per_worker"]] == [128, 128]
+    assert results["steps_run"] == 6

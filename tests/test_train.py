@@ -23,7 +23,11 @@ def test_every_method_trains_and_writes_a_complete_run_directory(synthetic_store
     assert main(["train", str(config)]) == 0
     out = capsys.readouterr().out
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "model.pt", "results.json", "train.log"]
+    plots = ["loss.png"] + (["source_weights.png"] if method in ("metarec", "uniform") else [])
+    expected = ["config.yaml", "model.pt", "results.json", "train.log", *plots]
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(expected)
+    for plot in plots:
+        assert (run_dir / plot).read_bytes().startswith(b"\x89PNG") and "plots: " in out
     results = json.loads((run_dir / "results.json").read_text())
     assert results["method"] == method and f"{method} on 'syn-target'" in out
     for split in ("validation", "test"):

@@ -29,12 +29,15 @@ single-process step (tests/test_distributed.py checks it across 2 workers).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from metarec_dist.errors import ConfigError
 from metarec_dist.meta.config import RunConfig
 from metarec_dist.meta.step import Collective
 from metarec_dist.model.recommender import SequenceRecommender
@@ -42,16 +45,23 @@ from metarec_dist.model.recommender import SequenceRecommender
 log = logging.getLogger(__name__)
 
 
-def sum_over_workers(tensors: list[torch.Tensor], collective: Collective) -> None:
-    """Sum tensors over workers in place, through one flat all-reduce."""
-    if collective.world_size == 1 or not tensors:
-        return
-    flat = torch.cat([t.flatten() for t in tensors])
-    collective.all_reduce_sum_([flat])
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+def summed_gradients(parameters: list[torch.Tensor], collective: Collective) -> list[torch.Tensor | None]:
+    """Each parameter's gradient summed over workers, in one flat all-reduce.
+
+    None where no worker has a gradient (the target's table during pre-training on
+    sources, say): Adam then skips the parameter, as it does in one process.
+    """
+    gradients = [_grad_or_zero(p) for p in parameters]
+    present = [p.grad is not None for p in parameters]
+    if collective.world_size > 1 and parameters:
+        flat = torch.cat([g.flatten() for g in gradients] + [torch.tensor(present, dtype=gradients[0].dtype)])
+        collective.all_reduce_sum_([flat])
+        offset = 0
+        for g in gradients:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        present = [bool(flag > 0) for flag in flat[offset:]]
+    return [g if has else None for g, has in zip(gradients, present)]
 
 
 def codebook_owner(codebook: int, world_size: int) -> int:
@@ -127,9 +137,7 @@ class WorkerOptimizer:
     # --- the owners -------------------------------------------------------------------
 
     def _step_replicated(self) -> None:
-        gradients = [_grad_or_zero(p) for p in self.replicated]
-        sum_over_workers(gradients, self.collective)
-        for p, g in zip(self.replicated, gradients):
+        for p, g in zip(self.replicated, summed_gradients(self.replicated, self.collective)):
             p.grad = g
         self.replicated_adam.step()
         if self.encoder_adam is not None:
@@ -138,8 +146,9 @@ class WorkerOptimizer:
     def _step_codebook(self) -> None:
         if self.codebooks is None:
             return
-        gradient = _grad_or_zero(self.codebooks)
-        sum_over_workers([gradient], self.collective)
+        (gradient,) = summed_gradients([self.codebooks], self.collective)
+        if gradient is None:  # no worker used the codebook this step
+            return
         updated = torch.zeros_like(self.codebooks)
         if self.codebook_shard is not None:
             # Start from the replica: dead-code re-initialisation may have replaced codewords.
@@ -232,7 +241,7 @@ class WorkerOptimizer:
 
     def _zero_entries(self, names: dict[int, str]) -> dict[str, torch.Tensor]:
         """ZeRO 1/2 partitions the encoder's moments: assemble each parameter's (a collective)."""
-        from deepspeed.utils import safe_get_full_optimizer_state
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         inner = self.engine.optimizer.optimizer
         flat_states = [inner.state[flat] for flat in self.engine.optimizer.single_partition_of_fp32_groups]
@@ -241,6 +250,8 @@ class WorkerOptimizer:
         step = flat_states[0]["step"]
         entries = {}
         for p in self.encoder_parameters:
+            # The fp32 master copy: with bf16 parameters it holds precision the parameters lack.
+            entries[f"{names[id(p)]}/master"] = safe_get_full_fp32_param(p).clone()
             for key in ("exp_avg", "exp_avg_sq"):
                 entries[f"{names[id(p)]}/{key}"] = safe_get_full_optimizer_state(p, key).clone()
             entries[f"{names[id(p)]}/step"] = step.clone()
@@ -251,9 +262,10 @@ class WorkerOptimizer:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         zero = self.engine.optimizer
-        for p in self.encoder_parameters:
-            safe_set_full_fp32_param(p, p.detach().float())
         names = self._names()
+        for p in self.encoder_parameters:
+            master = state.get(f"{names[id(p)]}/master")
+            safe_set_full_fp32_param(p, master if master is not None else p.detach().float())
         first = names[id(self.encoder_parameters[0])]
         if f"{first}/step" not in state:
             return
@@ -322,23 +334,58 @@ def _deepspeed_engine(encoder: torch.nn.Module, config: RunConfig):
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     ds_config = deepspeed_config(config)
-    engine, _, _, _ = deepspeed.initialize(
-        model=encoder, model_parameters=list(encoder.parameters()), config=ds_config, dist_init_required=False
-    )
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=encoder, model_parameters=list(encoder.parameters()), config=ds_config, dist_init_required=False
+        )
+    except (AssertionError, ValueError, TypeError, KeyError) as error:  # not RuntimeError: gloo failures
+        where = config.runner.deepspeed_config or "the built-in DeepSpeed config"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"runner.deepspeed_config: DeepSpeed rejected {where} for this model ({first})") from None
     return engine
+
+
+# Keys that would change what one meta-step's update is (or its checkpointed state).
+UNSUPPORTED_DEEPSPEED_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "scheduler", "fp16", "amp", "optimizer",
+)
 
 
 def deepspeed_config(config: RunConfig) -> dict[str, Any]:
     """The engine's config: from ``runner.deepspeed_config`` if given, with the settings exactness needs."""
-    import json
-
     runner, train = config.runner, config.train
     values: dict[str, Any] = {}
-    if runner.deepspeed_config is not None:
-        values = json.loads(runner.deepspeed_config.read_text())
+    path = runner.deepspeed_config
+    if path is not None:
+        if runner.zero_stage is None:
+            raise ConfigError("runner.deepspeed_config: set runner.zero_stage (0-2) to use a DeepSpeed engine")
+        try:
+            values = json.loads(Path(path).read_text())
+        except OSError as error:
+            raise ConfigError(f"runner.deepspeed_config: cannot read {path} ({error.strerror})") from None
+        except ValueError as error:
+            raise ConfigError(f"runner.deepspeed_config: {path} is not valid JSON ({error})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"runner.deepspeed_config: {path} must hold a JSON object")
+        stage = values.get("zero_optimization", {}).get("stage", runner.zero_stage)
+        if stage != runner.zero_stage:
+            raise ConfigError(
+                f"runner.deepspeed_config: {path} asks for ZeRO stage {stage}, runner.zero_stage is "
+                f"{runner.zero_stage}; make them equal"
+            )
+        bending = sorted(key for key in UNSUPPORTED_DEEPSPEED_KEYS if key in values)
+        if bending:
+            raise ConfigError(
+                f"runner.deepspeed_config: {path} sets {', '.join(bending)}; the runner owns the batch, the "
+                "optimizer's schedule and precision of the update (use model.precision for bf16 autocast); remove them"
+            )
+        if values.get("bf16", {}).get("enabled") and runner.zero_stage == 0:
+            raise ConfigError(f"runner.deepspeed_config: {path} enables bf16 at ZeRO stage 0; use stage 1 or 2 "
+                              "(configs/deepspeed/zero2_bf16.json)")
     values.setdefault("zero_optimization", {})["stage"] = runner.zero_stage
-    values.setdefault("train_micro_batch_size_per_gpu", 1)  # batches are ours; DeepSpeed only steps
-    values.setdefault("gradient_accumulation_steps", 1)
+    values["train_micro_batch_size_per_gpu"] = 1  # batches are the trainer's; DeepSpeed only applies updates
+    values["gradient_accumulation_steps"] = 1  # every meta-step is one update, for every parameter
     values.setdefault("steps_per_print", 10**9)
     values["gradient_clipping"] = 0.0  # DeepSpeed clips at 1.0 by default: the meta-update must be exact
     values["optimizer"] = {

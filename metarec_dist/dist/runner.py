@@ -1,8 +1,9 @@
 """Meta-training on Ray Train workers, each owning a shard of the source domains.
 
     driver:  plan_domains -> preflight -> TorchTrainer.fit() -> the leader's results
-    worker:  restore config and plan -> open its shard -> Trainer(..., TorchCollective()).run()
-             -> report at every validation; the leader reports results and weights at the end
+    worker:  restore config and plan -> open its shard -> restore a checkpoint, if any
+             -> Trainer(..., TorchCollective(), WorkerOptimizer).run()
+             -> report at validations and checkpoints; the leader reports results at the end
 
 The worker runs the single-process ``Trainer`` unchanged; only the
 ``Collective`` differs (see ``metarec_dist.meta.step.meta_step``), so one
@@ -18,13 +19,15 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from metarec_dist.data.store import DomainStore
+from metarec_dist.dist.optimizer import deepspeed_config
 from metarec_dist.dist.plan import DomainPlan, plan_domains
 from metarec_dist.errors import ConfigError, MetarecError, TrainingError
 from metarec_dist.meta.config import RunConfig
@@ -39,7 +42,7 @@ ERROR_FILE = "error.json"
 @dataclass
 class DistributedOutcome:
     results: dict[str, Any]
-    best_state: dict[str, torch.Tensor]  # the leader's best weights: theta, the target's and its own sources'
+    best_state: dict[str, torch.Tensor]  # theta and the target's parameters at the best validation
     plan: DomainPlan
 
 
@@ -50,16 +53,26 @@ def source_plan(config: RunConfig) -> DomainPlan:
     return plan_domains(interactions, config.runner.workers)
 
 
-def train_distributed(config: RunConfig, storage_dir: Path, resume_from: Path | None = None) -> DistributedOutcome:
+def train_distributed(
+    config: RunConfig,
+    storage_dir: Path,
+    resume_from: Path | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> DistributedOutcome:
     """Run ``config`` on ``config.runner.workers`` Ray Train workers.
 
     ``storage_dir``: where Ray Train keeps this run's reports and checkpoints
     (each call adds an ``attempt-N`` directory, never touching earlier ones);
-    ``resume_from``: a complete checkpoint directory to continue from.
+    ``resume_from``: a complete checkpoint directory to continue from;
+    ``on_progress(record)``: called on the driver after every meta-step with
+    the step, seconds, last loss, validation metric (at validations) and the
+    top sources by weight, sent by the leader through a Ray queue.
     """
     # Workers run in directories of their own: every path they read must be absolute.
     config = config.model_copy(update={"data": config.data.model_copy(update={"store": config.data.store.resolve()})})
     plan = source_plan(config)
+    if config.runner.zero_stage is not None or config.runner.deepspeed_config is not None:
+        deepspeed_config(config)  # a bad file fails here, before any worker starts
     log.info("source domains per worker:\n%s", plan.table())
     _connect(config)
     _preflight(config, storage_dir)
@@ -67,15 +80,19 @@ def train_distributed(config: RunConfig, storage_dir: Path, resume_from: Path | 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig, TrainingFailedError
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
 
     runner = config.runner
     use_gpu = _use_gpu(runner.use_gpu)
+    # The queue is a tiny actor: it takes no CPU from the workers' reservation.
+    progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0}) if on_progress is not None else None
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "plan": plan.to_json(),
             "resume_from": str(resume_from.resolve()) if resume_from else None,
+            "progress": progress,
         },
         scaling_config=ScalingConfig(
             num_workers=runner.workers, use_gpu=use_gpu, resources_per_worker={"CPU": runner.cpus_per_worker}
@@ -90,7 +107,7 @@ def train_distributed(config: RunConfig, storage_dir: Path, resume_from: Path | 
         ),
     )
     try:
-        result = trainer.fit()
+        result = _fit(trainer, progress, on_progress)
     except TrainingFailedError as error:
         raise _user_error(error) from None
     if result.checkpoint is None:
@@ -105,6 +122,33 @@ def train_distributed(config: RunConfig, storage_dir: Path, resume_from: Path | 
 
 
 # --- driver side ------------------------------------------------------------------------
+
+
+def _fit(trainer, progress, on_progress):
+    """``trainer.fit()`` on this thread (so Ctrl-C reaches Ray), progress drained by a daemon thread."""
+    if progress is None:
+        return trainer.fit()
+    from ray.util.queue import Empty
+
+    finished = threading.Event()
+
+    def drain() -> None:
+        while not finished.is_set():
+            try:
+                on_progress(progress.get(block=True, timeout=0.5))
+            except Empty:
+                continue
+        while not progress.empty():  # the last records, sent just before fit() returned
+            on_progress(progress.get_nowait())
+
+    reader = threading.Thread(target=drain, name="progress", daemon=True)
+    reader.start()
+    try:
+        return trainer.fit()
+    finally:
+        finished.set()
+        reader.join(timeout=2)
+        progress.shutdown()
 
 
 def _new_attempt_name(storage: Path) -> str:
@@ -173,16 +217,17 @@ def _use_gpu(setting: bool | str) -> bool:
 
 
 def _user_error(error: Exception) -> MetarecError:
-    """The first worker error the user can fix, as one line; anything else names the rank."""
-    failures = getattr(error, "worker_failures", {}) or {}
-    for rank, failure in sorted(failures.items()):
+    """A worker error the user can fix (any rank), as one line; else the first failure, naming its rank."""
+    failures = sorted((getattr(error, "worker_failures", {}) or {}).items())
+    for rank, failure in failures:
         cause: BaseException | None = failure
         while cause is not None:
             if isinstance(cause, MetarecError):
                 return type(cause)(str(cause))
             cause = getattr(cause, "cause", None) or cause.__cause__
-        first = str(failure).strip().splitlines()
-        return TrainingError(f"worker {rank} failed: {first[-1] if first else type(failure).__name__}")
+    for rank, failure in failures:
+        lines = str(failure).strip().splitlines()
+        return TrainingError(f"worker {rank} failed: {lines[-1] if lines else type(failure).__name__}")
     return TrainingError(f"the Ray Train run failed: {str(error).strip().splitlines()[0]}")
 
 
@@ -193,6 +238,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: restore, build, loop, report."""
     import ray.train
     from ray.train import Checkpoint
+    from ray.util.queue import Full
 
     from metarec_dist.dist.checkpoint import read_checkpoint, write_checkpoint
     from metarec_dist.dist.collective import TorchCollective
@@ -202,24 +248,28 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     # The same config and plan in every worker.
     config = RunConfig.model_validate(loop_config["config"])
     plan = DomainPlan.from_json(loop_config["plan"])
+    progress = loop_config.get("progress")  # a ray.util.queue.Queue to the driver, or None
     collective = TorchCollective()
     torch.set_num_threads(config.runner.cpus_per_worker)
 
-    # Build: the target and this worker's own sources, nothing else.
-    data = load_training_data(config, plan.shard(collective.rank))
-    trainer = Trainer(
-        config, data, progress=False, collective=collective,
-        make_optimizer=lambda model, inner_lrs, cfg: WorkerOptimizer(model, inner_lrs, cfg, data.target, collective),
-    )
-
-    # Restore: this run's last checkpoint (a worker was replaced), else the run being resumed.
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            step = read_checkpoint(Path(directory), trainer, trainer.optimizer, plan)
-        log.warning("worker %d restored from its run's checkpoint at step %d", collective.rank, step)
-    elif loop_config.get("resume_from"):
-        read_checkpoint(Path(loop_config["resume_from"]), trainer, trainer.optimizer, plan)
+    try:
+        # Build: the target and this worker's own sources, nothing else.
+        data = load_training_data(config, plan.shard(collective.rank))
+        trainer = Trainer(
+            config, data, progress=False, collective=collective,
+            make_optimizer=lambda model, lrs, cfg: WorkerOptimizer(model, lrs, cfg, data.target, collective),
+        )
+        # Restore: this run's last checkpoint (a worker was replaced), else the run being resumed.
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                step = read_checkpoint(Path(directory), trainer, trainer.optimizer, plan)
+            log.warning("worker %d restored from its run's checkpoint at step %d", collective.rank, step)
+        elif loop_config.get("resume_from"):
+            read_checkpoint(Path(loop_config["resume_from"]), trainer, trainer.optimizer, plan)
+    except MetarecError as error:  # the same config everywhere: every worker fails here alike
+        _report_final(collective.rank, {ERROR_FILE: json.dumps({"error": str(error)}).encode()})
+        return
 
     # Loop: every worker reports at every validation and checkpoint (reports synchronise).
     every = config.runner.checkpoint_every
@@ -227,26 +277,54 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     def report_validation(entry: dict[str, Any]) -> None:
         ray.train.report({"step": entry["step"], "train_loss": entry["train_loss"], **entry["valid"]})
 
-    def checkpoint_after(step: int) -> None:
+    def after_step(step: int) -> None:
+        if progress is not None and collective.rank == 0:
+            try:
+                progress.put_nowait(_progress_record(trainer, step))
+            except Full:  # nobody is reading (the driver went away): progress is optional
+                pass
         if every and step % every == 0 and step < config.train.steps and not trainer.loop.stopped:
             with tempfile.TemporaryDirectory() as directory:
                 write_checkpoint(Path(directory), trainer, trainer.optimizer, plan)
                 ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(directory))
 
     try:
-        outcome = trainer.run(on_validation=report_validation, after_step=checkpoint_after)
+        outcome = trainer.run(on_validation=report_validation, after_step=after_step)
     except TrainingError as error:
         # Every worker sees the same losses, so all of them stop here together; reporting the
         # error (instead of raising) keeps Ray from retrying a run that would fail again, and
         # the last good checkpoint stays in storage.
         _report_final(collective.rank, {ERROR_FILE: json.dumps({"error": str(error)}).encode()})
         return
+    except RuntimeError as error:
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            raise
+        # A collective another worker never reached: say who waited, and where.
+        raise RuntimeError(
+            f"worker {collective.rank} stalled at meta-step {trainer.loop.step + 1}: a collective waited "
+            f"{config.runner.collective_timeout_s} s for a worker that never reached it "
+            f"({str(error).strip().splitlines()[0]})"
+        ) from None
 
     # Report: the leader's results and best weights travel as the final checkpoint.
     model = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in outcome.best_state.items()}, model)
     _report_final(collective.rank, {RESULTS_FILE: json.dumps(outcome.results or {}).encode(),
                                     MODEL_FILE: model.getvalue()})
+
+
+def _progress_record(trainer, step: int) -> dict[str, Any]:
+    """What the driver's progress line shows after ``step`` (sent by the leader)."""
+    record: dict[str, Any] = {"step": step, "seconds": trainer.loop.seconds}
+    if trainer.loop.pending_losses:
+        record["loss"] = trainer.loop.pending_losses[-1]
+    if trainer.loop.history and trainer.loop.history[-1]["step"] == step:
+        record["valid"] = trainer.loop.history[-1]["valid"][trainer.config.train.selection_metric]
+    summary = trainer.weights.summary()
+    if summary:
+        top = sorted(summary.items(), key=lambda item: -item[1]["mean_relative_weight"])[:3]
+        record["top_sources"] = [(name, round(values["mean_relative_weight"], 2)) for name, values in top]
+    return record
 
 
 def _report_final(rank: int, files: dict[str, bytes]) -> None:

@@ -48,7 +48,10 @@ class RunnerConfig(StrictModel):
         None, description="where Ray Train keeps reports and checkpoints (default: inside the run directory); "
         "on a multi-node cluster, storage every node can see"
     )
-    collective_timeout_s: int = Field(300, ge=10, description="a collective one worker never reaches fails after this")
+    collective_timeout_s: int = Field(
+        300, ge=10, description="a collective one worker never reaches fails after this; keep it above the "
+        "leader's validation time (the others wait for it)"
+    )
     checkpoint_every: int = Field(50, ge=0, description="checkpoint every this many meta-steps (0: never)")
     max_failures: int = Field(2, ge=0, description="worker failures to recover from, each from the last checkpoint")
     zero_stage: Literal[0, 1, 2] | None = Field(

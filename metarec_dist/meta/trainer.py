@@ -168,6 +168,9 @@ class Trainer:
         self.rng = np.random.default_rng(train.seed + collective.rank)  # batches differ per worker
         catalogs = data.catalogs if config.method != "target_only" else {data.target: data.catalogs[data.target]}
         self.model = SequenceRecommender(config.effective_model, catalogs)
+        if self.model.quantizer is not None:
+            # A data-seeded codebook saw only this worker's domains: theta starts as the leader's.
+            collective.broadcast_(self.model.quantizer.codebooks.data, source=0)
         self.meta_config: MetaConfig = config.meta
         if config.method == "uniform":
             self.meta_config = config.meta.model_copy(update={"weighting": "uniform"})
@@ -351,7 +354,7 @@ class Trainer:
             }
             loop.history.append(entry)
             log.info("step %d loss %.4f valid %s %.4f", step, entry["train_loss"], train.selection_metric, metric)
-            if metric > loop.best_metric:
+            if metric > loop.best_metric or self.best_state is None:  # a NaN metric still yields a model
                 loop.best_metric, loop.best_step, loop.best_valid, loop.stale = metric, step, valid, 0
                 self.best_state = self._target_model_state()
             else:

@@ -118,7 +118,10 @@ class SequenceEncoder(nn.Module):
             raise ValueError(f"sequence length {length} exceeds encoder max_length {self.config.max_length}")
         # Positions count back from the latest event, so left padding does not shift them.
         positions = torch.arange(self.config.max_length - length, self.config.max_length, device=padding.device)
-        x = self.dropout(item_vectors + self.position(positions))
+        # Read in the encoder's own dtype: a bf16 engine (DeepSpeed) keeps bf16 parameters, and
+        # CPU LayerNorm does not mix dtypes even under autocast. A no-op for fp32 parameters.
+        position = self.position(positions)
+        x = self.dropout(item_vectors.to(position.dtype) + position)
         x = x * (~padding).unsqueeze(-1).to(x.dtype)
         mask = attention_mask(padding)
         for block in self.blocks:

@@ -1,8 +1,10 @@
 """Run directories: created new (never reused), files written atomically.
 
 A run directory holds ``config.yaml`` (the resolved config), ``train.log``,
-``results.json`` and ``model.pt`` (a plain tensor state dict, loadable with
-``torch.load(..., weights_only=True)``).
+``results.json``, ``model.pt`` (a plain tensor state dict, loadable with
+``torch.load(..., weights_only=True)``), the plots (``loss.png``,
+``source_weights.png``) and, for distributed runs, ``ray/`` (Ray Train's
+reports and checkpoints).
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def _write_atomic(path: Path, write) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_bytes(path: Path, payload: bytes) -> None:
+    _write_atomic(path, lambda stream: stream.write(payload))
 
 
 def write_json(path: Path, payload: Any) -> None:
