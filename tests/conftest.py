@@ -1,9 +1,11 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from metarec_dist.data.batches import NextItemBatch
 from metarec_dist.data.store import DomainStore
 from metarec_dist.data.synthetic import SyntheticConfig, generate_store
 
@@ -62,3 +64,13 @@ def write_config(tmp_path, store, **overrides):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def random_batch(num_items: int, seed: int, rows: int = 3, leading_padding: int = 2) -> NextItemBatch:
+    """A seeded next-item batch of 5 positions; the first row starts with padding."""
+    rng = np.random.default_rng(seed)
+    window = rng.integers(1, num_items + 1, (rows, 6))
+    window[0, :leading_padding] = 0
+    inputs, targets = window[:, :-1], window[:, 1:].copy()
+    targets[inputs == 0] = 0
+    return NextItemBatch(inputs, targets)

@@ -4,12 +4,10 @@ import json
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import write_config
-from metarec_dist.data.batches import NextItemBatch
+from conftest import random_batch, write_config
 from metarec_dist.meta.config import RunConfig
 from metarec_dist.meta.step import MetaConfig, TaskBatch, meta_step
 from metarec_dist.model.encoder import EncoderConfig
@@ -33,6 +31,7 @@ def ray_cluster():
 
     # Workers cannot import this test module: ship its functions by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(sys.modules["conftest"])
     ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
@@ -49,12 +48,7 @@ def tiny_model(catalogs):
 
 
 def fixed_batch(num_items, seed):
-    rng = np.random.default_rng(seed)
-    window = rng.integers(1, num_items + 1, (4, 6))
-    window[0, :3] = 0
-    inputs, targets = window[:, :-1], window[:, 1:].copy()
-    targets[inputs == 0] = 0
-    return NextItemBatch(inputs, targets)
+    return random_batch(num_items, seed, rows=4, leading_padding=3)
 
 
 def task(source):

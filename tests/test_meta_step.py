@@ -1,10 +1,9 @@
 """The meta-step: meta-gradients against finite differences, similarity weights, the update."""
 
-import numpy as np
 import pytest
 import torch
 
-from metarec_dist.data.batches import NextItemBatch
+from conftest import random_batch
 from metarec_dist.meta.step import (
     MetaConfig,
     TaskBatch,
@@ -29,12 +28,7 @@ def tiny_model(seed=0):
 
 
 def batch(num_items, seed):
-    rng = np.random.default_rng(seed)
-    window = rng.integers(1, num_items + 1, (3, 6))
-    window[0, :2] = 0
-    inputs, targets = window[:, :-1], window[:, 1:].copy()
-    targets[inputs == 0] = 0
-    return NextItemBatch(inputs, targets)
+    return random_batch(num_items, seed)
 
 
 TASK = TaskBatch("a", support=batch(15, 1), query=batch(12, 2))

@@ -318,7 +318,8 @@ def _progress_record(trainer, step: int) -> dict[str, Any]:
     record: dict[str, Any] = {"step": step, "seconds": trainer.loop.seconds}
     if trainer.loop.pending_losses:
         record["loss"] = trainer.loop.pending_losses[-1]
-    if trainer.loop.history and trainer.loop.history[-1]["step"] == step:
+    if trainer.loop.history and trainer.loop.history[-1]["step"] == step:  # just validated
+        record["loss"] = trainer.loop.history[-1]["train_loss"]  # mean since the previous validation
         record["valid"] = trainer.loop.history[-1]["valid"][trainer.config.train.selection_metric]
     summary = trainer.weights.summary()
     if summary:
