@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         resume_from = _last_checkpoint(run_dir, config)
     else:
         config = load_config(RunConfig, args.config, args.overrides)
-    load_training_data(config)  # fails on a missing domain before anything is written
+    data = load_training_data(config)  # fails on a missing domain before anything is written
     if resume_from is None:
         run_dir = create_run_dir(config.output_dir, f"{config.method}-{config.data.target}")
         write_yaml(run_dir / "config.yaml", config.model_dump(mode="json"))
@@ -116,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     try:
         print(f"run directory: {run_dir}", file=sys.stderr)
         if config.runner.workers == 1 and resume_from is None:
-            outcome = Trainer(config, load_training_data(config), progress=sys.stderr.isatty()).run()
+            outcome = Trainer(config, data, progress=sys.stderr.isatty()).run()
         else:
             from metarec_dist.dist.runner import train_distributed
 

@@ -163,10 +163,8 @@ def _codebook_usage(trainer: Trainer) -> dict[str, torch.Tensor]:
     quantizer = trainer.model.quantizer
     if quantizer is None:
         return {}
-    usage = quantizer.usage.clone()
-    trainer.collective.all_reduce_sum_([usage])
     recent = quantizer.recent
-    return {USAGE: usage, **({RECENT: recent} if recent is not None else {})}
+    return {USAGE: trainer.summed_codebook_usage(), **({RECENT: recent} if recent is not None else {})}
 
 
 def _inner_rates(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -84,15 +84,17 @@ class WorkerOptimizer:
         self.collective = collective
         train = config.train
         adam = {"lr": train.learning_rate, "weight_decay": train.weight_decay}
-        named = dict(model.named_parameters())
+        named = model.parameter_index()
         encoder_names = [n for n in named if n.startswith("encoder.")]
-        self.replicated = [named[n] for n in model.local_names(target)] + list(inner_lrs)
-        replicated_groups: list[dict[str, Any]] = [{"params": [named[n] for n in model.local_names(target)]}]
+        target_names = model.local_names(target)
+        target_parameters = [named[n] for n in target_names]
+        self.replicated = target_parameters + list(inner_lrs)
+        replicated_groups: list[dict[str, Any]] = [{"params": target_parameters}]
         if inner_lrs:
             replicated_groups.append({"params": list(inner_lrs), "lr": config.meta.inner_lr_learning_rate})
         self.replicated_adam = torch.optim.Adam(replicated_groups, **adam)
 
-        taken = set(encoder_names) | set(model.local_names(target)) | {"quantizer.codebooks"}
+        taken = set(encoder_names) | set(target_names) | {"quantizer.codebooks"}
         own = [p for n, p in named.items() if n not in taken]  # this worker's sources
         self.local_adam = torch.optim.Adam(own, **adam) if own else None
 

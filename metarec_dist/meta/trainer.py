@@ -69,7 +69,6 @@ class TrainingData:
 def load_training_data(config: RunConfig, sources: list[str] | None = None) -> TrainingData:
     """Open the target and the sources (default: all configured; a worker: its shard), nothing else."""
     store = DomainStore(config.data.store)
-    sources = list(config.data.sources) if sources is None else sources
     wanted = [("data.target", config.data.target)] + [("data.sources", s) for s in config.data.sources]
     for field_name, domain in wanted:
         if domain not in store:
@@ -82,11 +81,15 @@ def load_training_data(config: RunConfig, sources: list[str] | None = None) -> T
     split = limit_target(
         leave_one_out(target.sequences), config.data.limited_target_fraction, config.data.split_seed
     )
-    opened = {name: store.open(name) for name in sources}
+    opened = {name: store.open(name) for name in (config.data.sources if sources is None else sources)}
     catalogs = {config.data.target: target.num_items}
     catalogs.update({name: domain.num_items for name, domain in opened.items()})
-    sources = {name: domain.sequences for name, domain in opened.items()}
-    return TrainingData(target=config.data.target, split=split, catalogs=catalogs, sources=sources)
+    return TrainingData(
+        target=config.data.target,
+        split=split,
+        catalogs=catalogs,
+        sources={name: domain.sequences for name, domain in opened.items()},
+    )
 
 
 @dataclass
@@ -292,9 +295,9 @@ class Trainer:
                 self._maybe_reinit_codes(step)
 
         main_step = self._meta_step if self._is_meta else self._target_step
-        steps = range(loop.step + 1, train.steps + 1)
+        steps = range(loop.step + 1, train.steps + 1) if not loop.stopped else range(0)
         bar = tqdm(steps, desc=self.config.method, disable=not self.progress or loop.stopped)
-        for step in bar if not loop.stopped else ():
+        for step in bar:
             loop.pending_losses.append(main_step(step))
             loop.step = step
             if step % train.eval_every == 0 or step == train.steps:
@@ -406,14 +409,17 @@ class Trainer:
             quantizer.usage.zero_()
         self.collective.broadcast_(quantizer.codebooks.data, source=0)
 
+    def summed_codebook_usage(self) -> torch.Tensor:
+        """Codeword assignment counts since the last re-initialisation, summed over workers (a collective)."""
+        usage = self.model.quantizer.usage.clone()
+        self.collective.all_reduce_sum_([usage])
+        return usage
+
     def _codebook_health(self) -> dict[str, Any]:
         """Perplexity and dead codes over every worker's assignments since the last re-initialisation."""
-        quantizer = self.model.quantizer
-        if quantizer is None:
+        if self.model.quantizer is None:
             return {}
-        usage = quantizer.usage.clone()
-        self.collective.all_reduce_sum_([usage])
-        return {"codebook": quantizer.health(usage)}
+        return {"codebook": self.model.quantizer.health(self.summed_codebook_usage())}
 
 
 OptimizerFactory = Callable[[SequenceRecommender, list[torch.Tensor], RunConfig], torch.optim.Optimizer]
