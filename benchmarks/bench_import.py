@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from machine import machine_description
+from metarec_dist.machine import machine_description
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 1234

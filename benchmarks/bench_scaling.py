@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine_description
+from metarec_dist.machine import machine_description
 from metarec_dist.config import load_config
 from metarec_dist.data.store import DomainStore
 from metarec_dist.data.synthetic import SyntheticConfig, generate_store

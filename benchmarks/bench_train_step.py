@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from machine import machine_description
+from metarec_dist.machine import machine_description
 from metarec_dist.config import load_config
 from metarec_dist.meta.config import RunConfig
 from metarec_dist.meta.trainer import Trainer, load_training_data

@@ -83,7 +83,110 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.steps=500",
     )
+
+    evaluate = commands.add_parser("evaluate", help="re-evaluate a finished run's model (validation and test)")
+    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory with model.pt")
+    evaluate.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="change how it is evaluated, e.g. --set eval.retrieval.index=hnsw (eval.* only)",
+    )
+    export = commands.add_parser("export", help="item vectors, a FAISS index and the encoder of a finished run")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory with model.pt")
+    export.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="e.g. --set eval.retrieval.index=ivf_pq for the saved index (eval.* only)",
+    )
+
+    bench = commands.add_parser("bench", help="offline benchmarks").add_subparsers(
+        dest="bench_command", required=True, metavar="SUBCOMMAND"
+    )
+    retrieval = bench.add_parser("retrieval", help="exact and approximate top-k search on large synthetic catalogs")
+    retrieval.add_argument("--items", type=int, nargs="+", default=[1_000_000], help="catalog sizes")
+    retrieval.add_argument("--widths", type=int, nargs="+", default=[64, 128], help="vector widths")
+    retrieval.add_argument("--queries", type=int, default=4096, help="queries per catalog")
+    retrieval.add_argument("--k", type=int, default=10, help="top-k")
+    retrieval.add_argument("--repeats", type=int, default=3, help="timed passes per searcher (median)")
+    retrieval.add_argument(
+        "--output-dir", type=Path, default=Path("bench-runs"), help="a new directory is made here per run"
+    )
     return parser
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import time
+
+    from metarec_dist.eval.metrics import metrics_from_ranks
+    from metarec_dist.meta.evaluation import rank_users
+    from metarec_dist.meta.saved_run import load_saved_run
+    from metarec_dist.report.run_directory import write_json
+    from metarec_dist.report.tables import format_table
+
+    saved = load_saved_run(args.run_dir, args.overrides)
+    config = saved.config
+    results = {"run": str(args.run_dir), "retrieval": config.eval.retrieval.model_dump(), "overrides": args.overrides}
+    for stage in ("valid", "test"):
+        started = time.perf_counter()
+        ranks = rank_users(saved.model, config.data.target, saved.data.split, stage, config.eval,
+                           config.model.encoder.max_length)
+        results[stage] = {**metrics_from_ranks(ranks, config.eval.ks), "users": len(ranks),
+                          "seconds": time.perf_counter() - started}
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = args.run_dir / f"evaluation-{stamp}.json"
+    for attempt in range(1, 1000):  # never replace an earlier evaluation
+        if not path.exists():
+            break
+        path = args.run_dir / f"evaluation-{stamp}-{attempt}.json"
+    write_json(path, results)
+    names = [f"{m}@{k}" for m in ("HR", "NDCG") for k in config.eval.ks] + ["MRR", "seconds"]
+    rows = [{"stage": stage, **{name: results[stage][name] for name in names}} for stage in ("valid", "test")]
+    print(f"{config.data.target}: {results['test']['users']:,} users, searcher {config.eval.retrieval.index}")
+    print(format_table(rows, ["stage", *names]))
+    print(f"evaluation: {path}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from metarec_dist.meta.saved_run import load_saved_run
+    from metarec_dist.report.export import export_run
+
+    directory = export_run(load_saved_run(args.run_dir, args.overrides))
+    for name in ("items.parquet", "items.faiss", "encoder.pt2", "manifest.json"):
+        print(f"{directory / name}  ({(directory / name).stat().st_size / 2**20:.1f} MiB)")
+
+
+def cmd_bench_retrieval(args: argparse.Namespace) -> None:
+    from metarec_dist.machine import machine_description
+    from metarec_dist.report.plots import recall_throughput_plot
+    from metarec_dist.report.run_directory import create_run_dir, write_json
+    from metarec_dist.report.tables import format_table
+    from metarec_dist.retrieval.benchmark import BenchPlan, run_retrieval_benchmark
+
+    for name in ("items", "widths"):
+        if min(getattr(args, name)) < 1:
+            raise ConfigError(f"bench retrieval: --{name} must be positive")
+    if args.queries < 1 or args.repeats < 1 or not 1 <= args.k <= min(args.items):
+        raise ConfigError("bench retrieval: --queries and --repeats must be >= 1 and --k in 1..the smallest catalog")
+    import faiss
+    import torch
+
+    machine = machine_description(torch=torch.__version__, faiss=faiss.__version__,
+                                  simd=torch.backends.cpu.get_cpu_capability())
+    print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores, {machine['ram_gib']} GiB RAM, "
+          f"GPU: {machine['gpu']}, torch {machine['torch']} ({machine['simd']}), faiss {machine['faiss']}")
+    run_dir = create_run_dir(args.output_dir, "retrieval")
+    columns = ["items", "width", "searcher", "build_s", "queries_per_s", "recall", "memory_mb",
+               "matmul_peak_fraction"]
+    plan = BenchPlan(catalogs=[(n, d) for n in args.items for d in args.widths], queries=args.queries, k=args.k,
+                     repeats=args.repeats)
+    results = run_retrieval_benchmark(
+        plan, progress=lambda row: print(format_table([row], columns).splitlines()[-1], flush=True)
+    )
+    results = {"machine": machine, "command": "metarec-dist " + " ".join(sys.argv[1:]), **results}
+    write_json(run_dir / "retrieval.json", results)
+    plot = recall_throughput_plot(results["rows"], run_dir / "recall_vs_throughput.png")
+    print(f"fp32 matrix multiply on this machine: {results['matmul_fp32_gflops']:.0f} GFLOP/s; "
+          f"fast bf16: {'yes' if results['bf16_fast'] else 'no'}")
+    print(format_table(results["rows"], columns))
+    print(f"results: {run_dir / 'retrieval.json'}\nplot: {plot}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -257,6 +360,9 @@ COMMANDS = {
     ("data", "describe"): cmd_data_describe,
     ("data", "list"): cmd_data_list,
     ("data", "generate"): cmd_data_generate,
+    ("evaluate", None): cmd_evaluate,
+    ("export", None): cmd_export,
+    ("bench", "retrieval"): cmd_bench_retrieval,
 }
 
 

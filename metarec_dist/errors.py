@@ -25,3 +25,7 @@ class ConfigError(MetarecError):
 
 class TrainingError(MetarecError):
     """Training cannot go on (a non-finite loss, say); names the step and the domain."""
+
+
+class RetrievalError(MetarecError):
+    """A search cannot run as asked: widths differ, k too large, no GPU, not enough memory."""

@@ -39,18 +39,25 @@ from metarec_dist.config import StrictModel
 from metarec_dist.data.batches import left_padded
 from metarec_dist.data.sequences import SequenceView
 from metarec_dist.eval.metrics import DEFAULT_KS, metrics_from_ranks, ranks_from_scores
+from metarec_dist.retrieval.config import RetrievalConfig
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 """Left-padded item ids ``[B, L]`` int64 -> float scores ``[B, N+1]`` (column j scores item j)."""
 
 
 class EvalConfig(StrictModel):
-    """How evaluation ranks: cutoffs, history masking, repeats, users per chunk."""
+    """How evaluation ranks: cutoffs, history masking, repeats, users per chunk, the searcher.
+
+    ``retrieval`` picks the searcher of ``eval.retrieval_ranking`` (training's
+    evaluation): ``exact`` by default; the brute-force functions here are the
+    reference it is tested against.
+    """
 
     ks: tuple[int, ...] = DEFAULT_KS
     exclude_seen: Literal["history", "none"] = "history"
     allow_repeats: bool = False
     batch_size: int = Field(default=1024, gt=0)
+    retrieval: RetrievalConfig = RetrievalConfig()
 
     @field_validator("ks")
     @classmethod
@@ -79,7 +86,7 @@ def history_exclusion(
     return mask
 
 
-def _check_inputs(
+def check_inputs(
     histories: SequenceView, targets: np.ndarray, num_items: int, max_length: int, users: np.ndarray
 ) -> None:
     """Fail early, with the fix, on inputs that would otherwise give wrong numbers or an IndexError."""
@@ -129,7 +136,7 @@ def ranks_full_ranking(
     """Per-user 0-based rank (int64, in the order of ``users``) of the target over the full catalog."""
     targets = np.asarray(targets, dtype=np.int64)
     users = np.arange(len(histories)) if users is None else np.asarray(users, dtype=np.int64)
-    _check_inputs(histories, targets, num_items, max_length, users)
+    check_inputs(histories, targets, num_items, max_length, users)
     ranks = np.empty(len(users), dtype=np.int64)
     with torch.no_grad():
         for begin in range(0, len(users), config.batch_size):
@@ -158,4 +165,4 @@ def evaluate_full_ranking(
     return {**metrics_from_ranks(ranks, config.ks), "users": len(ranks)}
 
 
-__all__ = ["EvalConfig", "ScoreFn", "evaluate_full_ranking", "history_exclusion", "ranks_full_ranking"]
+__all__ = ["EvalConfig", "ScoreFn", "check_inputs", "evaluate_full_ranking", "history_exclusion", "ranks_full_ranking"]

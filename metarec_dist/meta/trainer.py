@@ -19,8 +19,9 @@ The same trainer runs in every worker of a distributed run: it is handed the
 worker's shard of the sources and a ``Collective`` over the workers. Gradients
 of theta and the target's parameters are summed over workers (source tasks) or
 averaged (target batches, data parallel), so every worker holds the same theta
-and target; rank 0 (the leader) validates and tests, and its decision to stop
-is broadcast so all workers leave the loop together.
+and target. Every worker ranks its slice of the users at validation and test
+(the ranks are gathered); rank 0 (the leader) decides on early stopping and
+its decision is broadcast so all workers leave the loop together.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from metarec_dist.data.sequences import SequenceView
 from metarec_dist.data.splits import LeaveOneOutSplit, leave_one_out, limit_target
 from metarec_dist.data.store import DomainStore
 from metarec_dist.errors import ConfigError, TrainingError
-from metarec_dist.eval.full_ranking import evaluate_full_ranking
+from metarec_dist.eval.metrics import metrics_from_ranks
 from metarec_dist.meta.config import RunConfig
+from metarec_dist.meta.evaluation import rank_users
 from metarec_dist.meta.step import (
     LOCAL,
     Collective,
@@ -69,7 +71,8 @@ class TrainingData:
 def load_training_data(config: RunConfig, sources: list[str] | None = None) -> TrainingData:
     """Open the target and the sources (default: all configured; a worker: its shard), nothing else."""
     store = DomainStore(config.data.store)
-    wanted = [("data.target", config.data.target)] + [("data.sources", s) for s in config.data.sources]
+    opening = config.data.sources if sources is None else sources
+    wanted = [("data.target", config.data.target)] + [("data.sources", s) for s in opening]
     for field_name, domain in wanted:
         if domain not in store:
             present = ", ".join(store.names()[:10]) or "none"
@@ -81,7 +84,7 @@ def load_training_data(config: RunConfig, sources: list[str] | None = None) -> T
     split = limit_target(
         leave_one_out(target.sequences), config.data.limited_target_fraction, config.data.split_seed
     )
-    opened = {name: store.open(name) for name in (config.data.sources if sources is None else sources)}
+    opened = {name: store.open(name) for name in opening}
     catalogs = {config.data.target: target.num_items}
     catalogs.update({name: domain.num_items for name, domain in opened.items()})
     return TrainingData(
@@ -254,23 +257,22 @@ class Trainer:
     # --- evaluation ----------------------------------------------------------------
 
     def evaluate(self, stage: str) -> dict[str, float]:
-        """Full-catalog ranking of the target's validation or test items, every user."""
-        split = self.data.split
-        histories, items = (
-            (split.valid_history, split.valid_item) if stage == "valid" else (split.test_history, split.test_item)
-        )
+        """Full-catalog ranking of the target's validation or test items, every user (a collective).
+
+        Each process ranks its slice of the users (``users[rank::world]``)
+        through the configured searcher; the ranks are gathered, so every
+        process returns the metrics over all users.
+        """
+        users = np.arange(len(self.data.split.test_item))[self.collective.rank :: self.collective.world_size]
         self.model.eval()
         try:
-            return evaluate_full_ranking(
-                lambda inputs: self.model.scores(self.data.target, inputs),
-                histories,
-                items,
-                self.data.catalogs[self.data.target],
-                self.config.eval,
-                self.length,
+            ranks = rank_users(
+                self.model, self.data.target, self.data.split, stage, self.config.eval, self.length, users
             )
         finally:
             self.model.train()
+        all_ranks = np.concatenate(self.collective.all_gather_object(ranks))
+        return {**metrics_from_ranks(all_ranks, self.config.eval.ks), "users": len(all_ranks)}
 
     # --- the loop ------------------------------------------------------------------
 
@@ -314,10 +316,10 @@ class Trainer:
                 break
 
         per_worker = self.collective.all_gather_object(self._what_this_process_holds())
-        if not leader:
-            return TrainingOutcome(results=None, best_state=self.model.state_dict(), model=self.model)
         self.model.load_state_dict(self.best_state, strict=False)
-        test = self.evaluate("test")
+        test = self.evaluate("test")  # every process ranks its slice of the users
+        if not leader:
+            return TrainingOutcome(results=None, best_state=self.best_state, model=self.model)
         results = {
             "method": self.config.method,
             "target": self.data.target,
@@ -341,12 +343,16 @@ class Trainer:
         return TrainingOutcome(results=results, best_state=self.best_state, model=self.model)
 
     def _validate(self, step: int, started: float, leader: bool) -> dict[str, Any]:
-        """The leader validates and decides on early stopping; every process gets its entry and decision."""
+        """Every process ranks its slice of the users; the leader decides on early stopping for all.
+
+        Each process keeps its own copy of the best state (theta and the target
+        are the same everywhere), so the final test is sharded too.
+        """
         train, loop = self.config.train, self.loop
         health = self._codebook_health()  # read before dead codes are replaced
-        entry = None
+        valid = self.evaluate("valid")
+        entry, improved = None, False
         if leader:
-            valid = self.evaluate("valid")
             metric = valid[train.selection_metric]
             entry = {
                 "step": step,
@@ -357,16 +363,18 @@ class Trainer:
             }
             loop.history.append(entry)
             log.info("step %d loss %.4f valid %s %.4f", step, entry["train_loss"], train.selection_metric, metric)
-            if metric > loop.best_metric or self.best_state is None:  # a NaN metric still yields a model
+            improved = metric > loop.best_metric or self.best_state is None  # a NaN metric still yields a model
+            if improved:
                 loop.best_metric, loop.best_step, loop.best_valid, loop.stale = metric, step, valid, 0
-                self.best_state = self._target_model_state()
             else:
                 loop.stale += 1
                 loop.stopped = loop.stale >= train.patience
                 if loop.stopped:
                     log.info("early stop at step %d (best %s %.4f at step %d)",
                              step, train.selection_metric, loop.best_metric, loop.best_step)
-        entry, loop.stopped = self.collective.broadcast_object((entry, loop.stopped))
+        entry, loop.stopped, improved = self.collective.broadcast_object((entry, loop.stopped, improved))
+        if improved:
+            self.best_state = self._target_model_state()
         loop.pending_losses.clear()
         self._maybe_reinit_codes(step)
         return entry

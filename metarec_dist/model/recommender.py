@@ -219,6 +219,19 @@ class SequenceRecommender(nn.Module):
         return F.cross_entropy(logits, torch.zeros(len(wanted), dtype=torch.long, device=states.device))
 
     @torch.no_grad()
+    def item_vectors(self, domain: str) -> torch.Tensor:
+        """What a user's query vector is scored against: ``[N, D]`` fp32, row ``j`` = item ``j + 1``."""
+        with self._autocast():
+            # A copy: without the VQ the outputs are the live embedding parameter.
+            return _at_least_fp32(self.item_tables(domain).outputs[1:]).detach().clone()
+
+    @torch.no_grad()
+    def query_vectors(self, domain: str, inputs: torch.Tensor) -> torch.Tensor:
+        """The encoder's state after each left-padded history ``[B, L]``: ``[B, D]`` fp32."""
+        with self._autocast():
+            return _at_least_fp32(self.hidden(inputs, self.item_tables(domain))[:, -1]).detach()
+
+    @torch.no_grad()
     def scores(self, domain: str, inputs: torch.Tensor) -> torch.Tensor:
         """Scores of every item for the next event: [B, N + 1] (padding column -inf)."""
         with self._autocast():

@@ -81,3 +81,22 @@ def _weights_plot(results: dict[str, Any], path: Path) -> Path:
     axis.set_title("which sources the target listens to")
     axis.legend(fontsize=7, ncol=2, loc="best")
     return _save(figure, path)
+
+
+def recall_throughput_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Recall@k against queries/s (log scale), one panel per catalog, one point per searcher."""
+    catalogs = sorted({(row["items"], row["width"]) for row in rows})
+    figure, axes = plt.subplots(1, len(catalogs), figsize=(5.5 * len(catalogs), 4.2), squeeze=False)
+    for axis, (items, width) in zip(axes[0], catalogs):
+        for row in (r for r in rows if (r["items"], r["width"]) == (items, width)):
+            if row.get("recall") is None:
+                continue
+            axis.scatter(row["queries_per_s"], row["recall"], s=36)
+            axis.annotate(row["searcher"], (row["queries_per_s"], row["recall"]), fontsize=7,
+                          xytext=(4, 3), textcoords="offset points")
+        axis.set_xscale("log")
+        axis.set_xlabel("queries / s")
+        axis.set_ylabel(f"recall@{rows[0]['k']} against exact")
+        axis.set_title(f"{items:,} items x {width}")
+        axis.grid(alpha=0.3)
+    return _save(figure, path)

@@ -1,0 +1,60 @@
+"""A finished run read back from its directory: config, target data and the best model.
+
+Only ``config.yaml``, ``model.pt`` (plain tensors) and the store are read, so a
+run trained on many workers loads in one process without Ray or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from metarec_dist.config import load_config
+from metarec_dist.errors import ConfigError
+from metarec_dist.meta.config import RunConfig
+from metarec_dist.meta.trainer import TrainingData, load_training_data
+from metarec_dist.model.recommender import SequenceRecommender
+
+MODEL_FILE = "model.pt"
+
+
+@dataclass
+class SavedRun:
+    run_dir: Path
+    config: RunConfig
+    data: TrainingData  # the target only
+    model: SequenceRecommender  # the target's model, in eval mode
+
+
+def load_saved_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> SavedRun:
+    """Read a finished run; ``overrides`` may change only ``eval.*`` (how it is evaluated)."""
+    import torch
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); give a directory under runs/")
+    if not (run_dir / MODEL_FILE).is_file():
+        raise ConfigError(
+            f"{run_dir}: no saved model ({MODEL_FILE}); the run did not finish: "
+            "resume it with `metarec-dist train --resume` or train again"
+        )
+    for text in overrides:
+        if not text.startswith("eval."):
+            raise ConfigError(f"--set {text!r}: a saved run keeps its config; only eval.* may change")
+    config = load_config(RunConfig, run_dir / "config.yaml", list(overrides))
+    data = load_training_data(config, sources=[])
+    target = config.data.target
+    model = SequenceRecommender(config.effective_model, {target: data.catalogs[target]})
+    state = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)
+    try:
+        problems = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes differ: the store's target changed since training
+        raise ConfigError(f"{run_dir / MODEL_FILE}: does not fit domain '{target}' in the store ({error})") from None
+    if problems.missing_keys:
+        raise ConfigError(
+            f"{run_dir / MODEL_FILE}: lacks {len(problems.missing_keys)} parameters "
+            f"(e.g. {problems.missing_keys[0]}); it was not written by this run"
+        )
+    return SavedRun(run_dir=run_dir, config=config, data=data, model=model.eval())
+
+
+__all__ = ["MODEL_FILE", "SavedRun", "load_saved_run"]

@@ -1,0 +1,108 @@
+"""One entry point to build a searcher from a config, and search with per-query exclusions.
+
+Every searcher has ``num_items``, ``width``, ``description`` and
+``search(queries, k) -> SearchResult``; rows are 0-based positions in the
+item matrix it was built from.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from metarec_dist.errors import RetrievalError
+from metarec_dist.retrieval.config import RetrievalConfig
+from metarec_dist.retrieval.exact import ExactSearcher, SearchResult
+from metarec_dist.retrieval.faiss_index import build_faiss_searcher
+from metarec_dist.retrieval.memory import check_memory
+
+
+class Searcher(Protocol):
+    num_items: int
+    width: int
+
+    @property
+    def description(self) -> str: ...
+
+    def search(self, queries: np.ndarray, k: int) -> SearchResult: ...
+
+
+def exact_device(config: RetrievalConfig) -> str:
+    """The torch device of the exact searcher: CUDA when asked for (or ``auto``) and present."""
+    if config.device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if config.device == "gpu":
+        if not config.gpu_fallback:
+            raise RetrievalError(
+                "retrieval.device=gpu but torch sees no CUDA device; use device: cpu, "
+                "or gpu_fallback: true to fall back to the CPU"
+            )
+        warnings.warn("retrieval.device=gpu: no CUDA device, using the CPU (gpu_fallback)", stacklevel=2)
+    return "cpu"
+
+
+def build_searcher(items: np.ndarray | torch.Tensor, config: RetrievalConfig, progress: bool = False) -> Searcher:
+    """The searcher ``config.index`` names, over ``items`` ``[N, d]``."""
+    if config.index == "exact":
+        num_items, width = tuple(items.shape) if len(items.shape) == 2 else (0, 0)
+        precision_bytes = 6 if config.precision == "bf16" else 4
+        check_memory(num_items * width * precision_bytes, f"exact search over {num_items:,} x {width} items")
+        return ExactSearcher(
+            items,
+            precision=config.precision,
+            device=exact_device(config),
+            query_block=config.query_block,
+            item_block=config.item_block,
+        )
+    items = items.detach().cpu().numpy() if isinstance(items, torch.Tensor) else items
+    return build_faiss_searcher(items, config, progress=progress)
+
+
+def search_excluding(
+    searcher: Searcher, queries: np.ndarray, k: int, excluded: Sequence[np.ndarray]
+) -> SearchResult:
+    """Top-``k`` per query after removing that query's ``excluded`` rows.
+
+    Each query is searched ``k + |excluded|`` deep (rounded up to a power of
+    two, so queries share a few searches), which leaves at least ``k`` rows
+    that are not excluded: exact for exact searchers however long the
+    exclusion list. Slots that cannot be filled (fewer than ``k`` rows left,
+    or an approximate index returning fewer) have row -1 and score -inf.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    if len(excluded) != len(queries):
+        raise RetrievalError(f"one exclusion list per query: {len(queries)} queries, {len(excluded)} lists")
+    num_items = searcher.num_items
+    if not 1 <= k <= num_items:
+        raise RetrievalError(f"k must be in 1..{num_items} (the catalog size); got {k}")
+    lists = [np.unique(np.asarray(rows, dtype=np.int64)) for rows in excluded]
+    wanted = np.array([k + len(rows) for rows in lists], dtype=np.int64)
+    depths = np.minimum(2 ** np.ceil(np.log2(wanted)).astype(np.int64), num_items)
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    for depth in np.unique(depths).tolist():
+        members = np.flatnonzero(depths == depth)
+        found = searcher.search(queries[members], depth)
+        valid = found.rows >= 0
+        for position, member in enumerate(members):  # exclusion lists differ in length: one isin each
+            valid[position] &= ~np.isin(found.rows[position], lists[member], assume_unique=False)
+        order = np.argsort(~valid, axis=1, kind="stable")[:, :k]  # valid ones first, in rank order
+        kept_valid = np.take_along_axis(valid, order, axis=1)
+        rows[members] = np.where(kept_valid, np.take_along_axis(found.rows, order, axis=1), -1)
+        scores[members] = np.where(kept_valid, np.take_along_axis(found.scores, order, axis=1), -np.inf)
+    return SearchResult(scores, rows)
+
+
+def ranks_from_top_k(rows: np.ndarray, targets: np.ndarray, num_items: int) -> np.ndarray:
+    """0-based position of each target in its query's top-k rows, or ``num_items`` when absent (a miss)."""
+    hits = rows == np.asarray(targets, dtype=np.int64)[:, None]
+    return np.where(hits.any(axis=1), hits.argmax(axis=1), num_items).astype(np.int64)
+
+
+__all__ = ["Searcher", "build_searcher", "exact_device", "ranks_from_top_k", "search_excluding"]
