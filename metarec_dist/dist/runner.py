@@ -172,7 +172,7 @@ def _connect(config: RunConfig) -> None:
             address=address,
             log_to_driver=False,
             logging_level=logging.ERROR,
-            runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning"}},
+            runtime_env=_driver_runtime_env({"PYTHONWARNINGS": "ignore::FutureWarning"}),
         )
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = address or "a new local cluster"
@@ -180,6 +180,19 @@ def _connect(config: RunConfig) -> None:
             f"runner.address: cannot connect to Ray at {where} ({str(error).splitlines()[0]}); "
             "check the address, or leave it unset to start a local cluster"
         ) from None
+
+
+def _driver_runtime_env(env_vars: dict[str, str]) -> dict[str, Any] | None:
+    """``env_vars`` less those a submitted job's runtime env already sets.
+
+    Inside ``ray job submit`` the job's runtime env (cluster/runtime_env.yaml)
+    reaches every worker, and ``ray.init`` refuses a runtime env that repeats
+    any of its environment variables; the job's values win.
+    """
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    job_vars = (job.get("runtime_env") or {}).get("env_vars") or {}
+    own = {name: value for name, value in env_vars.items() if name not in job_vars}
+    return {"env_vars": own} if own else None
 
 
 def _preflight(config: RunConfig, storage_dir: Path) -> None:

@@ -16,9 +16,10 @@ class ProgressPrinter:
     per validation, so a log stays short.
     """
 
-    def __init__(self, total_steps: int, metric: str, stream: TextIO = sys.stderr):
+    def __init__(self, total_steps: int, metric: str, stream: TextIO | None = None):
         self.total = total_steps
         self.metric = metric
+        stream = stream or sys.stderr  # read now, not at import: tests swap sys.stderr
         self.stream = stream
         self.bar = tqdm(total=total_steps, desc="meta-steps", file=stream) if stream.isatty() else None
         self.last_step = 0

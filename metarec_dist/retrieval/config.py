@@ -31,8 +31,8 @@ class RetrievalConfig(StrictModel):
     device: Literal["cpu", "gpu", "auto"] = "cpu"
     gpu_fallback: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    query_block: int = Field(default=256, gt=0)
-    item_block: int = Field(default=8192, gt=0)
+    query_block: int = Field(default=2048, gt=0)
+    item_block: int = Field(default=2048, gt=0)
     nlist: int = Field(default=1024, gt=0)
     nprobe: int = Field(default=16, gt=0)
     pq_m: int = Field(default=16, gt=0)

@@ -1,21 +1,24 @@
 """Exact maximum-inner-product search in blocks: top-k and the exact rank of a target.
 
 A flat index scores every (query, item) pair and keeps a heap per query. Here
-queries and items are cut into blocks; each block of scores is one matrix
-multiply, and selection is a threshold test against each query's running k-th
-best score, so after the first block almost nothing survives it and the heap
-work disappears. Two precisions:
+items are sorted by norm, largest first, and cut into blocks; queries too.
+Each block of scores is one matrix multiply; selection is a threshold test
+against each query's running k-th best score. Two things make it exact and
+cheaper than scoring everything:
 
-- ``fp32``: the scores are the fp32 matrix product; candidates are every item
-  whose score reaches the running k-th best. Ties are broken by the smaller
-  row, so the result is deterministic.
-- ``bf16`` (where the hardware multiplies bf16 fast: AMX / AVX512-BF16 CPUs,
-  GPUs): a bf16 candidate pass keeps every item whose approximate score is
-  within ``2 e(q)`` of the running k-th best approximate score, and every
-  candidate is re-scored in fp32. ``e(q) = BF16_RELATIVE_BOUND * |q| * max|x|``
-  bounds the bf16 error for every item (``bf16_error_bound``), so no item of
-  the true top-k can be dropped: the result is the fp32 result.
+- **Norm bound**: ``q . x <= |q| |x|``. Once every query of a block has a k-th
+  best score above ``|q|`` times the largest norm left, no remaining item can
+  enter any top-k, and the scan stops. How much this saves depends on how
+  spread the item norms are (trained item vectors: popular items have larger
+  norms); with equal norms everything is scored, as in a flat index.
+- **Low-precision candidate pass** (where the hardware multiplies bf16 fast:
+  AMX / AVX512-BF16 CPUs, GPUs): bf16 tiles keep every item whose approximate
+  score is within ``2 e(q)`` of the running k-th best approximate score, and
+  every candidate is re-scored in fp32. ``e(q) = BF16_RELATIVE_BOUND * |q| *
+  max|x|`` bounds the bf16 error of every item (``bf16_error_bound``), so no
+  item of the true top-k is dropped: the result is the fp32 result.
 
+Equal scores are ordered by the smaller row, so results are deterministic.
 Rows are 0-based positions in the item matrix; callers map them to item ids.
 """
 
@@ -73,8 +76,9 @@ class SearchResult:
 class ExactSearcher:
     """Exact top-k by inner product over ``items`` ``[N, d]`` (fp32), on CPU or a GPU.
 
-    ``query_block`` x ``item_block`` is the score tile; the defaults keep a
-    tile around 8 MB, small enough to stay in the last-level cache on CPU.
+    ``query_block`` x ``item_block`` is the score tile (16 MB at the defaults,
+    the fastest measured here: docs/BENCHMARKS.md). The items are copied once,
+    sorted by norm.
     """
 
     def __init__(
@@ -82,8 +86,8 @@ class ExactSearcher:
         items: np.ndarray | torch.Tensor,
         precision: Precision = "auto",
         device: str = "cpu",
-        query_block: int = 256,
-        item_block: int = 8192,
+        query_block: int = 2048,
+        item_block: int = 2048,
     ):
         items = torch.as_tensor(items).detach()
         if items.dim() != 2 or items.shape[0] == 0 or items.shape[1] == 0:
@@ -92,21 +96,34 @@ class ExactSearcher:
             raise RetrievalError(f"items must be floating point; got {items.dtype}")
         if query_block < 1 or item_block < 1:
             raise RetrievalError(f"query_block and item_block must be >= 1; got {query_block}, {item_block}")
-        self.items = items.to(device=device, dtype=torch.float32).contiguous()
-        if not torch.isfinite(self.items).all():
+        items = items.to(device=device, dtype=torch.float32)
+        if not torch.isfinite(items).all():
             raise RetrievalError("items contain NaN or inf; they cannot be ranked")
         self.device = device
         if precision == "auto":
             precision = "bf16" if bf16_is_fast(device) else "fp32"
         self.precision: Literal["fp32", "bf16"] = precision
+        norms = items.norm(dim=1)
+        # Largest norm first; equal norms keep row order (stable), for reproducible tiles.
+        self.order = torch.sort(norms, descending=True, stable=True).indices  # position -> row
+        self.items = items[self.order].contiguous()
+        self.position_of = torch.empty_like(self.order)  # row -> position
+        self.position_of[self.order] = torch.arange(len(self.order), device=device)
         self.items_bf16 = self.items.to(torch.bfloat16) if precision == "bf16" else None
-        self.max_item_norm = float(self.items.norm(dim=1).max())
+        self.max_item_norm = float(norms.max())
         self.query_block = query_block
         self.item_block = item_block
+        # Per block: the largest |x| in it, rounded up for fp32 error in norms and products.
+        slack = 1.0 + 4 * (self.width + 2) * 2.0**-24
+        self.block_norm = norms[self.order][::item_block].cpu().numpy().astype(np.float64) * slack
 
     @property
     def num_items(self) -> int:
         return self.items.shape[0]
+
+    def _still_open(self, block: int, query_norms: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+        """Queries for which some item from ``block`` on may score at least ``floor`` (norm bound)."""
+        return (query_norms * float(self.block_norm[block]) >= floor).nonzero().squeeze(1)
 
     @property
     def width(self) -> int:
@@ -144,27 +161,37 @@ class ExactSearcher:
 
     def _search_block(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         approximate = self.precision == "bf16"
+        query_norms = queries.norm(dim=1)
         if approximate:
             low = queries.to(torch.bfloat16)
-            margin = 2 * bf16_error_bound(queries.norm(dim=1), self.max_item_norm, self.width)
+            error = bf16_error_bound(query_norms, self.max_item_norm, self.width)
         else:
-            margin = torch.zeros(len(queries), device=self.device)
+            error = torch.zeros(len(queries), device=self.device)
+        margin = 2 * error
         pool = _CandidatePool(len(queries), k)
-        for begin, end in self._item_blocks():
+        active = torch.arange(len(queries), device=self.device)
+        for block, (begin, end) in enumerate(self._item_blocks()):
+            if pool.threshold is not None:
+                # A query still needs this block only if |q||x| + e can reach its threshold - margin.
+                active = self._still_open(block, query_norms, pool.threshold - margin - error)
+                if len(active) == 0:
+                    break
             if approximate:
-                tile = (low @ self.items_bf16[begin:end].T).float()
+                tile = (low[active] @ self.items_bf16[begin:end].T).float()
             else:
-                tile = queries @ self.items[begin:end].T
+                tile = queries[active] @ self.items[begin:end].T
             if pool.threshold is None:
                 # First block: its own k-th best starts the threshold.
-                kth = tile.topk(min(k, end - begin), dim=1).values[:, -1]
-                keep = tile >= (kth - margin)[:, None]
+                floor = tile.topk(min(k, end - begin), dim=1).values[:, -1] - margin
             else:
-                keep = tile >= (pool.threshold - margin)[:, None]
-            query_rows, item_cols = keep.nonzero(as_tuple=True)
-            pool.add(query_rows, item_cols + begin, tile[query_rows, item_cols], margin)
+                floor = (pool.threshold - margin)[active]
+            tile_rows, positions = (tile >= floor[:, None]).nonzero(as_tuple=True)
+            pool.add(active[tile_rows], self.order[positions + begin], tile[tile_rows, positions], margin)
         query_rows, item_rows, approx = pool.final()
-        exact = (queries[query_rows] * self.items[item_rows]).sum(dim=1) if approximate else approx
+        if approximate:
+            exact = (queries[query_rows] * self.items[self.position_of[item_rows]]).sum(dim=1)
+        else:
+            exact = approx
         return _top_k_per_query(len(queries), k, query_rows, item_rows, exact)
 
     # --- exact rank of a target, for evaluation -------------------------------------
@@ -203,33 +230,47 @@ class ExactSearcher:
     def _ranks_block(
         self, queries: torch.Tensor, targets: np.ndarray, excluded: Sequence[np.ndarray] | None
     ) -> np.ndarray:
-        target_t = torch.from_numpy(targets).to(self.device)
-        block_of_target = targets // self.item_block
+        position_of = self.position_of.cpu().numpy()
+        target_positions = position_of[targets]
+        target_rows = torch.from_numpy(targets).to(self.device)
+        block_of_target = target_positions // self.item_block
         target_scores = torch.empty(len(queries), device=self.device)
         tiles: dict[int, torch.Tensor] = {}
         # The target's score is read from the very tile the counting pass
         # uses, so "ahead of" compares numbers from one and the same product.
         for block in np.unique(block_of_target).tolist():
-            begin, end = block * self.item_block, min((block + 1) * self.item_block, self.num_items)
+            begin = block * self.item_block
             here = np.flatnonzero(block_of_target == block)
-            tile = self._tile(queries, begin, end)
-            target_scores[here] = tile[here, targets[here] - begin]
+            tile = self._tile(queries, begin, min(begin + self.item_block, self.num_items))
+            target_scores[here] = tile[here, target_positions[here] - begin]
             if self.num_items <= self.item_block:
                 tiles[block] = tile  # one block in all: reuse it below
         excluded_query, excluded_rows = _unique_pairs(excluded, self.num_items)
+        excluded_positions = position_of[excluded_rows]
+        query_norms = queries.norm(dim=1)
         ahead = torch.zeros(len(queries), dtype=torch.int64, device=self.device)
         for block, (begin, end) in enumerate(self._item_blocks()):
-            tile = tiles.pop(block) if block in tiles else self._tile(queries, begin, end)
-            columns = torch.arange(begin, end, device=self.device)
-            before = (tile > target_scores[:, None]) | (
-                (tile == target_scores[:, None]) & (columns[None, :] < target_t[:, None])
-            )
-            ahead += before.sum(dim=1)
-            inside = (excluded_rows >= begin) & (excluded_rows < end)
+            active = self._still_open(block, query_norms, target_scores)
+            if len(active) == 0:
+                break  # nothing left can reach any target's score
+            if block in tiles:
+                tile = tiles.pop(block)[active]
+            else:
+                tile = queries[active] @ self.items[begin:end].T
+            rows = self.order[begin:end]
+            scores_t, rows_t = target_scores[active, None], target_rows[active, None]
+            before = (tile > scores_t) | ((tile == scores_t) & (rows[None, :] < rows_t))
+            ahead.index_add_(0, active, before.sum(dim=1))
+            inside = (excluded_positions >= begin) & (excluded_positions < end)
             if inside.any():
+                # Row of each excluded pair in ``before`` (-1: that query is not active here).
+                slot = torch.full((len(queries),), -1, dtype=torch.int64, device=self.device)
+                slot[active] = torch.arange(len(active), device=self.device)
                 query_index = torch.from_numpy(excluded_query[inside]).to(self.device)
-                column_index = torch.from_numpy(excluded_rows[inside] - begin).to(self.device)
-                ahead.index_add_(0, query_index, -before[query_index, column_index].long())
+                column_index = torch.from_numpy(excluded_positions[inside] - begin).to(self.device)
+                live = slot[query_index] >= 0
+                query_index, column_index = query_index[live], column_index[live]
+                ahead.index_add_(0, query_index, -before[slot[query_index], column_index].long())
         ranks = ahead.cpu().numpy()
         ranks[excluded_query[excluded_rows == targets[excluded_query]]] = self.num_items
         return ranks
@@ -264,11 +305,13 @@ class _CandidatePool:
         self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.threshold: torch.Tensor | None = None
         self.size = 0
+        self.pruned_size = 0
 
     def add(self, query_rows, item_rows, scores, margin: torch.Tensor) -> None:
         self.parts.append((query_rows, item_rows, scores))
         self.size += len(query_rows)
-        if self.threshold is None or self.size > 4 * self.k * self.num_queries:
+        # Prune (and raise the threshold) once a quarter of k per query has come in since the last.
+        if self.threshold is None or self.size > self.pruned_size + self.k * self.num_queries // 4:
             self._prune(margin)
 
     def _prune(self, margin: torch.Tensor) -> None:
@@ -285,7 +328,7 @@ class _CandidatePool:
         self.threshold = kth
         keep = scores >= (kth - margin)[query_rows]
         self.parts = [(query_rows[keep], item_rows[keep], scores[keep])]
-        self.size = int(keep.sum())
+        self.size = self.pruned_size = int(keep.sum())
 
     def final(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(torch.cat(column) for column in zip(*self.parts, strict=True))
