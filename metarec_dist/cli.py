@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--k", type=int, default=10, help="top-k")
     retrieval.add_argument("--repeats", type=int, default=3, help="timed passes per searcher (median)")
     retrieval.add_argument(
+        "--approximate", nargs="*", metavar="LABEL",
+        help="approximate settings to run, by label (default: all of retrieval.benchmark.DEFAULT_APPROXIMATE)",
+    )
+    retrieval.add_argument(
+        "--norm-sigma", type=float, default=0.25, help="spread of the log item norms (0: every item has norm 1)"
+    )
+    retrieval.add_argument(
         "--output-dir", type=Path, default=Path("bench-runs"), help="a new directory is made here per run"
     )
     return parser
@@ -158,13 +165,20 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> None:
     from metarec_dist.report.plots import recall_throughput_plot
     from metarec_dist.report.run_directory import create_run_dir, write_json
     from metarec_dist.report.tables import format_table
-    from metarec_dist.retrieval.benchmark import BenchPlan, run_retrieval_benchmark
+    from metarec_dist.retrieval.benchmark import DEFAULT_APPROXIMATE, BenchPlan, run_retrieval_benchmark
 
     for name in ("items", "widths"):
         if min(getattr(args, name)) < 1:
             raise ConfigError(f"bench retrieval: --{name} must be positive")
-    if args.queries < 1 or args.repeats < 1 or not 1 <= args.k <= min(args.items):
-        raise ConfigError("bench retrieval: --queries and --repeats must be >= 1 and --k in 1..the smallest catalog")
+    if args.queries < 1 or args.repeats < 1 or not 1 <= args.k <= min(args.items) or args.norm_sigma < 0:
+        raise ConfigError(
+            "bench retrieval: --queries and --repeats must be >= 1, --k in 1..the smallest catalog, --norm-sigma >= 0"
+        )
+    known = {setting.label: setting for setting in DEFAULT_APPROXIMATE}
+    chosen = known if args.approximate is None else args.approximate
+    unknown = [label for label in chosen if label not in known]
+    if unknown:
+        raise ConfigError(f"bench retrieval: --approximate {unknown[0]!r} is unknown; known: {', '.join(known)}")
     import faiss
     import torch
 
@@ -176,7 +190,8 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> None:
     columns = ["items", "width", "searcher", "build_s", "queries_per_s", "recall", "memory_mb",
                "matmul_peak_fraction"]
     plan = BenchPlan(catalogs=[(n, d) for n in args.items for d in args.widths], queries=args.queries, k=args.k,
-                     repeats=args.repeats)
+                     repeats=args.repeats, approximate=tuple(known[label] for label in chosen),
+                     norm_sigma=args.norm_sigma)
     results = run_retrieval_benchmark(
         plan, progress=lambda row: print(format_table([row], columns).splitlines()[-1], flush=True)
     )

@@ -63,10 +63,13 @@ class BenchPlan:
     repeats: int = 3
     approximate: tuple[BenchSetting, ...] = DEFAULT_APPROXIMATE
     skip_hnsw_above: int = 2_000_000  # graph building is hours on a few cores at 10M
+    norm_sigma: float = 0.25  # spread of the log item norms; 0: all items of norm 1
     seed: int = 0
 
 
-def synthetic_catalog(num_items: int, width: int, seed: int, clusters: int = 2048) -> np.ndarray:
+def synthetic_catalog(
+    num_items: int, width: int, seed: int, clusters: int = 2048, norm_sigma: float = 0.25
+) -> np.ndarray:
     """``[num_items, width]`` fp32 items around ``clusters`` centres, log-normal norms, built in chunks."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(clusters, width)).astype(np.float32)
@@ -76,7 +79,7 @@ def synthetic_catalog(num_items: int, width: int, seed: int, clusters: int = 204
         block = centres[rng.integers(clusters, size=end - begin)]
         block += rng.normal(scale=0.7, size=block.shape).astype(np.float32)
         block /= np.linalg.norm(block, axis=1, keepdims=True)
-        block *= rng.lognormal(sigma=0.25, size=(end - begin, 1)).astype(np.float32)
+        block *= rng.lognormal(sigma=norm_sigma, size=(end - begin, 1)).astype(np.float32)
         items[begin:end] = block
     return items
 
@@ -150,14 +153,14 @@ def run_retrieval_benchmark(plan: BenchPlan, progress: Callable[[dict], None] | 
     for num_items, width in plan.catalogs:
         check_memory(3 * num_items * width * 4, f"the {num_items:,} x {width} benchmark catalog")
         started = time.perf_counter()
-        items = synthetic_catalog(num_items, width, plan.seed)
+        items = synthetic_catalog(num_items, width, plan.seed, norm_sigma=plan.norm_sigma)
         queries = synthetic_queries(plan.queries, width, plan.seed)
         print(f"catalog {num_items:,} x {width}: generated in {time.perf_counter() - started:.1f} s", flush=True)
         flops_per_query = 2 * num_items * width
 
         def row(label: str, build: float, seconds: float, memory: int, **extra) -> dict:
-            entry = {"items": num_items, "width": width, "queries": len(queries), "k": plan.k,
-                     "searcher": label, "build_s": round(build, 3), "queries_per_s": len(queries) / seconds,
+            entry = {"items": num_items, "width": width, "norm_sigma": plan.norm_sigma, "queries": len(queries),
+                     "k": plan.k, "searcher": label, "build_s": round(build, 3), "queries_per_s": len(queries) / seconds,
                      "memory_mb": round(memory / 2**20, 1), **extra}
             rows.append(entry)
             if progress is not None:
