@@ -121,10 +121,6 @@ class ExactSearcher:
     def num_items(self) -> int:
         return self.items.shape[0]
 
-    def _still_open(self, block: int, query_norms: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
-        """Queries for which some item from ``block`` on may score at least ``floor`` (norm bound)."""
-        return (query_norms * float(self.block_norm[block]) >= floor).nonzero().squeeze(1)
-
     @property
     def width(self) -> int:
         return self.items.shape[1]
@@ -144,6 +140,10 @@ class ExactSearcher:
     def _item_blocks(self):
         for begin in range(0, self.num_items, self.item_block):
             yield begin, min(begin + self.item_block, self.num_items)
+
+    def _still_open(self, block: int, query_norms: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+        """Queries for which some item from ``block`` on may score at least ``floor`` (norm bound)."""
+        return (query_norms * float(self.block_norm[block]) >= floor).nonzero().squeeze(1)
 
     # --- top-k -----------------------------------------------------------------------
 
@@ -250,27 +250,21 @@ class ExactSearcher:
         query_norms = queries.norm(dim=1)
         ahead = torch.zeros(len(queries), dtype=torch.int64, device=self.device)
         for block, (begin, end) in enumerate(self._item_blocks()):
-            active = self._still_open(block, query_norms, target_scores)
-            if len(active) == 0:
+            if len(self._still_open(block, query_norms, target_scores)) == 0:
                 break  # nothing left can reach any target's score
-            if block in tiles:
-                tile = tiles.pop(block)[active]
-            else:
-                tile = queries[active] @ self.items[begin:end].T
+            # Whole tiles, never a subset of the queries: the same product as the
+            # target's, bit for bit (a smaller product may take another kernel).
+            tile = tiles.pop(block) if block in tiles else self._tile(queries, begin, end)
             rows = self.order[begin:end]
-            scores_t, rows_t = target_scores[active, None], target_rows[active, None]
-            before = (tile > scores_t) | ((tile == scores_t) & (rows[None, :] < rows_t))
-            ahead.index_add_(0, active, before.sum(dim=1))
+            before = (tile > target_scores[:, None]) | (
+                (tile == target_scores[:, None]) & (rows[None, :] < target_rows[:, None])
+            )
+            ahead += before.sum(dim=1)
             inside = (excluded_positions >= begin) & (excluded_positions < end)
             if inside.any():
-                # Row of each excluded pair in ``before`` (-1: that query is not active here).
-                slot = torch.full((len(queries),), -1, dtype=torch.int64, device=self.device)
-                slot[active] = torch.arange(len(active), device=self.device)
                 query_index = torch.from_numpy(excluded_query[inside]).to(self.device)
                 column_index = torch.from_numpy(excluded_positions[inside] - begin).to(self.device)
-                live = slot[query_index] >= 0
-                query_index, column_index = query_index[live], column_index[live]
-                ahead.index_add_(0, query_index, -before[slot[query_index], column_index].long())
+                ahead.index_add_(0, query_index, -before[query_index, column_index].long())
         ranks = ahead.cpu().numpy()
         ranks[excluded_query[excluded_rows == targets[excluded_query]]] = self.num_items
         return ranks
