@@ -272,3 +272,49 @@ def test_two_hundred_fifty_six_source_domains_train_on_two_workers(ray_cluster, 
     results = json.loads(open(results_path).read())
     assert [w["sources"] for w in results["per_worker"]] == [128, 128]
     assert results["steps_run"] == 6
+
+
+def sharded_ranks_worker(loop_config):
+    """A Ray Train worker: ranks users rank::world of the store's target, gathers every worker's ranks."""
+    from metarec_dist.data.splits import leave_one_out
+    from metarec_dist.data.store import DomainStore
+    from metarec_dist.dist.collective import TorchCollective
+    from metarec_dist.eval.full_ranking import EvalConfig
+    from metarec_dist.meta.evaluation import rank_users
+
+    import numpy as np
+
+    collective = TorchCollective()
+    domain = DomainStore(loop_config["store"]).open("syn-target")
+    model = tiny_model({"syn-target": domain.num_items}).eval()
+    split = leave_one_out(domain.sequences)
+    users = list(range(split.num_users))[collective.rank :: collective.world_size]
+    ranks = rank_users(model, "syn-target", split, "test", EvalConfig(), 5, np.array(users))
+    gathered = collective.all_gather_object((users, ranks.tolist()))
+    if collective.rank == 0:
+        merged = dict(pair for shard_users, shard_ranks in gathered for pair in zip(shard_users, shard_ranks))
+        with open(os.path.join(loop_config["out"], "ranks.json"), "w") as handle:
+            json.dump([merged[user] for user in range(split.num_users)], handle)
+
+
+def test_evaluation_sharded_over_two_ray_workers_equals_one_process(ray_cluster, synthetic_store, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from metarec_dist.data.splits import leave_one_out
+    from metarec_dist.eval.full_ranking import EvalConfig
+    from metarec_dist.meta.evaluation import rank_users
+
+    domain = synthetic_store.open("syn-target")
+    model = tiny_model({"syn-target": domain.num_items}).eval()
+    whole = rank_users(model, "syn-target", leave_one_out(domain.sequences), "test", EvalConfig(), 5)
+    TorchTrainer(
+        sharded_ranks_worker,
+        train_loop_config={"out": str(tmp_path), "store": str(synthetic_store.root)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        torch_config=TorchConfig(backend="gloo", timeout_s=120),
+        run_config=RunConfig(storage_path=str(tmp_path / "ray")),
+    ).fit()
+    merged = json.loads((tmp_path / "ranks.json").read_text())
+    assert merged == whole.tolist()
+    assert len(set(merged)) > 5  # the model ranks users differently: a mix-up would show

@@ -99,6 +99,13 @@ def test_gpu_fallback_searches_on_the_cpu_and_says_so():
     assert not searcher.on_gpu
 
 
+@pytest.mark.parametrize("index", ["exact", "flat", "ivf_pq", "hnsw"])
+def test_a_catalog_larger_than_memory_is_refused_before_anything_is_allocated(index):
+    huge = np.broadcast_to(np.float32(1.0), (10**10, 128))  # a view: no memory behind it
+    with pytest.raises(RetrievalError, match=r"needs about .* GiB but .* GiB is available"):
+        build_searcher(huge, RetrievalConfig(index=index))
+
+
 def test_an_unknown_index_type_is_a_config_error():
     with pytest.raises(ConfigError, match="index"):
         build_config(RetrievalConfig, {"index": "lsh"}, "config.yaml: eval.retrieval")

@@ -84,19 +84,19 @@ def _weights_plot(results: dict[str, Any], path: Path) -> Path:
 
 
 def recall_throughput_plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Recall@k against queries/s (log scale), one panel per catalog, one point per searcher."""
+    """Recall@k against queries/s (log scale), one panel per catalog, one colour per searcher."""
     catalogs = sorted({(row["items"], row["width"]) for row in rows})
+    searchers = list(dict.fromkeys(row["searcher"] for row in rows))
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(searchers)}
     figure, axes = plt.subplots(1, len(catalogs), figsize=(5.5 * len(catalogs), 4.2), squeeze=False)
     for axis, (items, width) in zip(axes[0], catalogs):
-        for row in (r for r in rows if (r["items"], r["width"]) == (items, width)):
-            if row.get("recall") is None:
-                continue
-            axis.scatter(row["queries_per_s"], row["recall"], s=36)
-            axis.annotate(row["searcher"], (row["queries_per_s"], row["recall"]), fontsize=7,
-                          xytext=(4, 3), textcoords="offset points")
+        for row in (r for r in rows if (r["items"], r["width"]) == (items, width) and r.get("recall") is not None):
+            axis.scatter(row["queries_per_s"], row["recall"], s=40, color=colours[row["searcher"]],
+                         label=row["searcher"])
         axis.set_xscale("log")
         axis.set_xlabel("queries / s")
         axis.set_ylabel(f"recall@{rows[0]['k']} against exact")
         axis.set_title(f"{items:,} items x {width}")
         axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower left")
     return _save(figure, path)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from metarec_dist.retrieval.config import RetrievalConfig
 from metarec_dist.retrieval.exact import SearchResult, bf16_is_fast
-from metarec_dist.retrieval.memory import check_memory, index_bytes
+from metarec_dist.retrieval.memory import check_memory
 from metarec_dist.retrieval.search import build_searcher
 
 QUERY_CHUNK = 1024
@@ -200,8 +200,6 @@ def run_retrieval_benchmark(plan: BenchPlan, progress: Callable[[dict], None] | 
             config = setting.config
             if config.index == "hnsw" and num_items > plan.skip_hnsw_above:
                 continue
-            check_memory(index_bytes(config.index, num_items, width, config.pq_m, config.pq_bits, config.hnsw_m),
-                         f"{setting.label} over {num_items:,} items")
             before = process.memory_info().rss
             started = time.perf_counter()
             # About 256 items per cell at most, so small catalogs still train their cells.

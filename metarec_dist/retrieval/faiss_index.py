@@ -19,7 +19,6 @@ from tqdm import tqdm
 from metarec_dist.errors import RetrievalError
 from metarec_dist.retrieval.config import RetrievalConfig
 from metarec_dist.retrieval.exact import SearchResult
-from metarec_dist.retrieval.memory import check_memory, index_bytes
 
 GPU_MAX_K = 2048  # FAISS GPU k-selection supports k <= 2048
 ADD_CHUNK = 100_000
@@ -118,17 +117,16 @@ def _empty_index(config: RetrievalConfig, num_items: int, width: int) -> faiss.I
 
 
 def build_faiss_searcher(items: np.ndarray, config: RetrievalConfig, progress: bool = False) -> FaissSearcher:
-    """Train (IVF) and fill a FAISS index with ``items`` ``[N, d]``; place it as ``config.device`` says."""
+    """Train (IVF) and fill a FAISS index with ``items`` ``[N, d]``; place it as ``config.device`` says.
+
+    Callers check memory first (``search.build_searcher`` does).
+    """
     items = np.ascontiguousarray(np.asarray(items, dtype=np.float32))
     if items.ndim != 2 or items.shape[0] == 0 or items.shape[1] == 0:
         raise RetrievalError(f"items must be a non-empty [N, d] matrix; got shape {items.shape}")
     if not np.isfinite(items).all():
         raise RetrievalError("items contain NaN or inf; they cannot be indexed")
     num_items, width = items.shape
-    check_memory(
-        index_bytes(config.index, num_items, width, config.pq_m, config.pq_bits, config.hnsw_m),
-        f"a {config.index} index over {num_items:,} x {width} items",
-    )
     use_gpu = _use_gpu(config)
     index = _empty_index(config, num_items, width)
     if not index.is_trained:

@@ -27,7 +27,7 @@ def index_bytes(index: str, num_items: int, width: int, pq_m: int = 16, pq_bits:
     """Approximate resident size of an index over ``num_items`` x ``width`` fp32 vectors."""
     vectors = num_items * width * 4
     if index == "exact":
-        return vectors  # the fp32 matrix (a bf16 copy adds half of it, see ExactSearcher)
+        return vectors  # the fp32 matrix, sorted by norm (a bf16 copy adds half of it)
     if index in ("flat", "ivf_flat"):
         return vectors + num_items * 8  # a copy of the vectors (+ ids)
     if index == "ivf_pq":

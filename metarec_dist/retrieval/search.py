@@ -18,7 +18,7 @@ from metarec_dist.errors import RetrievalError
 from metarec_dist.retrieval.config import RetrievalConfig
 from metarec_dist.retrieval.exact import ExactSearcher, SearchResult
 from metarec_dist.retrieval.faiss_index import build_faiss_searcher
-from metarec_dist.retrieval.memory import check_memory
+from metarec_dist.retrieval.memory import check_memory, index_bytes
 
 
 class Searcher(Protocol):
@@ -48,11 +48,13 @@ def exact_device(config: RetrievalConfig) -> str:
 
 
 def build_searcher(items: np.ndarray | torch.Tensor, config: RetrievalConfig, progress: bool = False) -> Searcher:
-    """The searcher ``config.index`` names, over ``items`` ``[N, d]``."""
+    """The searcher ``config.index`` names, over ``items`` ``[N, d]``; memory is checked first."""
+    num_items, width = tuple(items.shape) if len(items.shape) == 2 else (0, 0)
+    needed = index_bytes(config.index, num_items, width, config.pq_m, config.pq_bits, config.hnsw_m)
+    if config.index == "exact" and config.precision != "fp32":
+        needed += needed // 2  # a bf16 copy where bf16 is fast
+    check_memory(needed, f"a {config.index} searcher over {num_items:,} x {width} items")
     if config.index == "exact":
-        num_items, width = tuple(items.shape) if len(items.shape) == 2 else (0, 0)
-        precision_bytes = 6 if config.precision == "bf16" else 4
-        check_memory(num_items * width * precision_bytes, f"exact search over {num_items:,} x {width} items")
         return ExactSearcher(
             items,
             precision=config.precision,
@@ -84,6 +86,9 @@ def search_excluding(
     lists = [np.unique(np.asarray(rows, dtype=np.int64)) for rows in excluded]
     wanted = np.array([k + len(rows) for rows in lists], dtype=np.int64)
     depths = np.minimum(2 ** np.ceil(np.log2(wanted)).astype(np.int64), num_items)
+    # The deepest search holds (score, row, flag) per result for every query sharing its depth.
+    deepest = int(depths.max()) if len(depths) else 0
+    check_memory(13 * deepest * int((depths == deepest).sum()), f"a search {deepest} deep for {len(queries):,} queries")
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     rows = np.full((len(queries), k), -1, dtype=np.int64)
     for depth in np.unique(depths).tolist():
