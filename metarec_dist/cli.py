@@ -125,7 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from metarec_dist.eval.metrics import metrics_from_ranks
     from metarec_dist.meta.evaluation import rank_users
     from metarec_dist.meta.saved_run import load_saved_run
-    from metarec_dist.report.run_directory import write_json
+    from metarec_dist.report.run_directory import unused_path, write_json
     from metarec_dist.report.tables import format_table
 
     saved = load_saved_run(args.run_dir, args.overrides)
@@ -137,12 +137,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                            config.model.encoder.max_length)
         results[stage] = {**metrics_from_ranks(ranks, config.eval.ks), "users": len(ranks),
                           "seconds": time.perf_counter() - started}
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    path = args.run_dir / f"evaluation-{stamp}.json"
-    for attempt in range(1, 1000):  # never replace an earlier evaluation
-        if not path.exists():
-            break
-        path = args.run_dir / f"evaluation-{stamp}-{attempt}.json"
+    # Never replace an earlier evaluation.
+    path = unused_path(args.run_dir, time.strftime("evaluation-%Y%m%d-%H%M%S", time.gmtime()), ".json")
     write_json(path, results)
     names = [f"{m}@{k}" for m in ("HR", "NDCG") for k in config.eval.ks] + ["MRR", "seconds"]
     rows = [{"stage": stage, **{name: results[stage][name] for name in names}} for stage in ("valid", "test")]
@@ -207,6 +203,7 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from metarec_dist.config import load_config
     from metarec_dist.meta.config import RunConfig
+    from metarec_dist.meta.saved_run import MODEL_FILE
     from metarec_dist.meta.trainer import Trainer, load_training_data
     from metarec_dist.report.plots import write_plots
     from metarec_dist.report.progress import ProgressPrinter
@@ -245,7 +242,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                 outcome = train_distributed(config, run_dir / "ray", resume_from, on_progress=progress)
             finally:
                 progress.close()
-        save_state(run_dir / "model.pt", outcome.best_state)
+        save_state(run_dir / MODEL_FILE, outcome.best_state)
         write_json(run_dir / "results.json", outcome.results)
         plots = write_plots(outcome.results, run_dir)
     finally:

@@ -157,8 +157,9 @@ def test_more_workers_than_source_domains_fails_before_starting(ray_cluster, syn
 # --- faults: a killed worker, a stopped run ------------------------------------------------
 
 
-def kill_one_worker_after_a_checkpoint(storage, deadline_s=240):
-    """In the background: once a complete checkpoint exists under ``storage``, SIGKILL one Ray Train worker."""
+def kill_one_worker_after_a_checkpoint(storage, deadline_s=240, sig=None):
+    """In the background: once a complete checkpoint exists under ``storage``, send one Ray Train
+    worker ``sig`` (default SIGKILL; SIGSTOP freezes it)."""
     import signal
     import threading
     import time
@@ -175,7 +176,7 @@ def kill_one_worker_after_a_checkpoint(storage, deadline_s=240):
             if storage.is_dir() and latest_complete(storage) is not None:
                 for process in psutil.process_iter(["pid", "cmdline"]):
                     if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
-                        os.kill(process.info["pid"], signal.SIGKILL)
+                        os.kill(process.info["pid"], sig or signal.SIGKILL)
                         killed.append(process.info["pid"])
                         return
             time.sleep(0.05)
@@ -211,6 +212,33 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_as_an_unbroken_one(
     assert recovered["steps_run"] == unbroken["steps_run"] == LONG_RUN["steps"]
     # Restored parameters, optimizer moments and random streams: the same numbers, up to summation order.
     assert recovered["test"]["NDCG@10"] == pytest.approx(unbroken["test"]["NDCG@10"], abs=1e-3)
+
+
+def test_a_frozen_worker_stops_the_run_naming_the_waiting_worker_and_step(
+    ray_cluster, synthetic_store, tmp_path, capsys
+):
+    """SIGSTOP one worker: the other's next collective times out, and the error says who waited, where."""
+    import re
+    import signal
+
+    from metarec_dist.cli import main
+
+    config = write_config(tmp_path, synthetic_store, train=LONG_RUN, runner={
+        "workers": 2, "checkpoint_every": 30, "max_failures": 0, "collective_timeout_s": 15})
+    watcher, frozen = kill_one_worker_after_a_checkpoint(tmp_path / "runs", sig=signal.SIGSTOP)
+    try:
+        code = main(["train", str(config)])
+    finally:
+        watcher.join(timeout=1)
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert frozen, "no worker was frozen: the test did not exercise a stall"
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(r"worker [01] stalled at meta-step \d+: a collective waited 15 s", err), err
 
 
 def test_a_stopped_run_resumes_on_another_number_of_workers(ray_cluster, synthetic_store, tmp_path, capsys):

@@ -62,6 +62,16 @@ def test_a_run_without_a_saved_model_is_refused(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
 
 
+def test_a_corrupt_saved_model_is_named(finished_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    (copy / "model.pt").write_bytes(b"not a torch file")
+    assert main(["evaluate", str(copy)]) == 2
+    assert "model.pt: unreadable" in capsys.readouterr().err
+
+
 SERVE_WITHOUT_THE_PACKAGE = textwrap.dedent("""
     import sys
     sys.modules["metarec_dist"] = None  # importing the package now fails: prove we do not

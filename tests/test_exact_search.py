@@ -113,3 +113,13 @@ def test_bad_searches_fail_with_a_clear_message(call, message):
 def test_an_empty_catalog_is_refused():
     with pytest.raises(RetrievalError, match="non-empty"):
         ExactSearcher(np.empty((0, 8), np.float32))
+
+
+def test_search_refuses_reduced_precision_fp32_products():
+    searcher = ExactSearcher(np.ones((10, 8), np.float32))
+    torch.set_float32_matmul_precision("high")
+    try:
+        with pytest.raises(RetrievalError, match="set it to 'highest'"):
+            searcher.search(np.ones((2, 8), np.float32), 3)
+    finally:
+        torch.set_float32_matmul_precision("highest")

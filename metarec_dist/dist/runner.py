@@ -31,11 +31,11 @@ from metarec_dist.dist.optimizer import deepspeed_config
 from metarec_dist.dist.plan import DomainPlan, plan_domains
 from metarec_dist.errors import ConfigError, MetarecError, TrainingError
 from metarec_dist.meta.config import RunConfig
+from metarec_dist.meta.saved_run import MODEL_FILE
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
-MODEL_FILE = "model.pt"
 ERROR_FILE = "error.json"
 
 

@@ -35,13 +35,20 @@ QueryFn = Callable[[torch.Tensor], torch.Tensor]
 def excluded_rows(
     histories: SequenceView, rows: np.ndarray, targets: np.ndarray, config: EvalConfig
 ) -> list[np.ndarray] | None:
-    """Per user, the item rows (item id - 1) that may not be ranked; None when nothing is excluded."""
+    """Per user, the item rows (item id - 1) that may not be ranked; None when nothing is excluded.
+
+    The same items ``full_ranking.history_exclusion`` masks: the user's whole
+    history, less the held-out item itself with ``allow_repeats``.
+    """
     if config.exclude_seen == "none":
         return None
-    lists = [histories.row(int(row)).astype(np.int64) - 1 for row in rows]
+    owner, _, items = histories.flat_rows(rows)
+    items = items.astype(np.int64)
     if config.allow_repeats:
-        lists = [items[items != target - 1] for items, target in zip(lists, targets[rows], strict=True)]
-    return lists
+        keep = items != targets[rows][owner]
+        owner, items = owner[keep], items[keep]
+    counts = np.bincount(owner, minlength=len(rows))
+    return np.split(items - 1, np.cumsum(counts)[:-1])
 
 
 def query_vectors(query_fn: QueryFn, histories: SequenceView, rows: np.ndarray, max_length: int, batch: int):

@@ -50,7 +50,7 @@ class RunnerConfig(StrictModel):
     )
     collective_timeout_s: int = Field(
         300, ge=10, description="a collective one worker never reaches fails after this; keep it above the "
-        "leader's validation time (the others wait for it)"
+        "time of one validation pass (workers evaluate their users, then gather)"
     )
     checkpoint_every: int = Field(50, ge=0, description="checkpoint every this many meta-steps (0: never)")
     max_failures: int = Field(2, ge=0, description="worker failures to recover from, each from the last checkpoint")

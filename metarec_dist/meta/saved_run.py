@@ -44,16 +44,22 @@ def load_saved_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -
     data = load_training_data(config, sources=[])
     target = config.data.target
     model = SequenceRecommender(config.effective_model, {target: data.catalogs[target]})
-    state = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)
     try:
+        state = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a torch file, or holding more than tensors
+        raise ConfigError(f"{run_dir / MODEL_FILE}: unreadable ({str(error).splitlines()[0]})") from None
+    try:
+        # strict=False only to name the mismatch below; model.pt holds exactly theta and the target's.
         problems = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shapes differ: the store's target changed since training
-        raise ConfigError(f"{run_dir / MODEL_FILE}: does not fit domain '{target}' in the store ({error})") from None
-    if problems.missing_keys:
-        raise ConfigError(
-            f"{run_dir / MODEL_FILE}: lacks {len(problems.missing_keys)} parameters "
-            f"(e.g. {problems.missing_keys[0]}); it was not written by this run"
-        )
+        line = " ".join(str(error).split())[:300]
+        raise ConfigError(f"{run_dir / MODEL_FILE}: does not fit domain '{target}' in the store ({line})") from None
+    for kind, names in (("lacks", problems.missing_keys), ("has unexpected", problems.unexpected_keys)):
+        if names:
+            raise ConfigError(
+                f"{run_dir / MODEL_FILE}: {kind} parameters for this config ({len(names)}, e.g. {names[0]}); "
+                "it was not written by this run's config"
+            )
     return SavedRun(run_dir=run_dir, config=config, data=data, model=model.eval())
 
 

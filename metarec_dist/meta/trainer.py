@@ -263,7 +263,7 @@ class Trainer:
         through the configured searcher; the ranks are gathered, so every
         process returns the metrics over all users.
         """
-        users = np.arange(len(self.data.split.test_item))[self.collective.rank :: self.collective.world_size]
+        users = np.arange(self.data.split.num_users)[self.collective.rank :: self.collective.world_size]
         self.model.eval()
         try:
             ranks = rank_users(

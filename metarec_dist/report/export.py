@@ -10,7 +10,10 @@ leaves nothing) holding:
   ``r + 1`` (``eval.retrieval``'s index; ``IndexFlatIP`` when that is ``exact``);
 - ``encoder.pt2``: a ``torch.export`` program from left-padded item ids
   ``[B, max_length]`` (int64, 0 = padding) to query vectors ``[B, D]``, with
-  the item input table inside; it loads with ``torch.export.load`` alone;
+  the item input table inside; it loads with ``torch.export.load`` alone. It
+  runs in fp32: for a model trained with ``precision: bf16`` (whose
+  evaluation runs the encoder under bf16 autocast) its vectors differ from
+  evaluation's by bf16 rounding;
 - ``manifest.json``: what each file is and how to score with them.
 """
 
@@ -29,7 +32,7 @@ from torch import nn
 
 from metarec_dist.meta.saved_run import SavedRun
 from metarec_dist.model.encoder import SequenceEncoder
-from metarec_dist.report.run_directory import write_json
+from metarec_dist.report.run_directory import unused_path, write_json
 from metarec_dist.retrieval.search import build_searcher
 
 INDEX_FOR = {"exact": "flat"}  # the exact searcher is this package's; servers get FAISS's exact index
@@ -95,11 +98,7 @@ def export_run(saved: SavedRun) -> Path:
             },
             "run": str(saved.run_dir),
         })
-        final = exports / time.strftime("%Y%m%d-%H%M%S-export", time.gmtime())
-        for attempt in range(1, 1000):
-            if not final.exists():
-                break
-            final = final.with_name(f"{final.name.split('-export')[0]}-export-{attempt}")
+        final = unused_path(exports, time.strftime("%Y%m%d-%H%M%S-export", time.gmtime()))
         os.rename(staging, final)
         return final
     except BaseException:

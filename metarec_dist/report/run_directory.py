@@ -43,6 +43,16 @@ def create_run_dir(output_dir: Path, label: str) -> Path:
     raise StoreError(f"{output_dir}: too many runs named {stamp}-{safe_label}; try again")
 
 
+def unused_path(directory: Path, stem: str, suffix: str = "") -> Path:
+    """``directory/<stem><suffix>``, or ``<stem>-1<suffix>``, ``-2``, ... : the first name not taken."""
+    path = directory / f"{stem}{suffix}"
+    attempt = 0
+    while path.exists():
+        attempt += 1
+        path = directory / f"{stem}-{attempt}{suffix}"
+    return path
+
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

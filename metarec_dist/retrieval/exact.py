@@ -152,6 +152,7 @@ class ExactSearcher:
 
     def search(self, queries: np.ndarray | torch.Tensor, k: int) -> SearchResult:
         """The ``k`` best items per query, best first; equal scores ordered by row."""
+        _require_full_precision_products()
         queries = self._queries(queries)
         if not 1 <= k <= self.num_items:
             raise RetrievalError(f"k must be in 1..{self.num_items} (the catalog size); got {k}")
@@ -175,8 +176,8 @@ class ExactSearcher:
         active = torch.arange(len(queries), device=self.device)
         for block, (begin, end) in enumerate(self._item_blocks()):
             if pool.threshold is not None:
-                # A query still needs this block only if |q||x| + e can reach its threshold - margin.
-                active = self._still_open(block, query_norms, pool.threshold - margin - error)
+                # A true top-k item scores at least threshold - e (and at most |q||x|).
+                active = self._still_open(block, query_norms, pool.threshold - error)
                 if len(active) == 0:
                     break
             if approximate:
@@ -209,9 +210,11 @@ class ExactSearcher:
 
         ``rank = #{j not excluded: s_j > s_t} + #{j not excluded: s_j == s_t, j < t}``,
         the rule of ``eval.metrics.ranks_from_scores``. A target that is itself
-        excluded gets rank ``N``. Scores are fp32 products of the same tiles as
-        the search, and the target's score is read from the tile that holds it.
+        excluded gets rank ``N``. Scores are fp32 tile products, and the target's
+        score is read from the tile that holds it. Unlike the search, a block
+        of queries stops only once every query in it is past the norm bound.
         """
+        _require_full_precision_products()
         queries = self._queries(queries)
         targets = np.asarray(targets, dtype=np.int64)
         if targets.shape != (len(queries),):
@@ -286,6 +289,20 @@ def _unique_pairs(excluded: Sequence[np.ndarray] | None, num_items: int) -> tupl
         raise RetrievalError(f"excluded rows must be in 0..{num_items - 1}")
     pairs = np.unique(query * num_items + rows)  # a row listed twice counts once
     return pairs // num_items, pairs % num_items
+
+
+def _require_full_precision_products() -> None:
+    """The error bounds assume IEEE fp32 products and fp32 accumulation of bf16 products."""
+    if torch.get_float32_matmul_precision() != "highest":
+        raise RetrievalError(
+            "exact search needs full fp32 matrix products, but torch.set_float32_matmul_precision is "
+            f"'{torch.get_float32_matmul_precision()}' (TF32/bf16 inside fp32); set it to 'highest'"
+        )
+    if torch.cuda.is_available() and torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction:
+        raise RetrievalError(
+            "exact search needs bf16 products accumulated in fp32; set "
+            "torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False"
+        )
 
 
 class _CandidatePool:
