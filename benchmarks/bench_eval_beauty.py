@@ -83,7 +83,7 @@ def main() -> None:
 
         def rank(config=config):
             searcher = build_searcher(items, config.retrieval)
-            excluded = excluded_rows(histories, users, targets, config)
+            excluded = excluded_rows(histories, users, targets, num_items, config)
             if index == "exact":
                 return searcher.ranks(queries, target_rows, excluded)
             found = search_excluding(searcher, queries.numpy(), max(config.ks), excluded)

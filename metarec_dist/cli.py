@@ -255,17 +255,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _resumed_config(run_dir: Path, overrides: list[str]):
     """The stopped run's own config; only where it runs (runner.*) may change."""
-    from metarec_dist.config import load_config
-    from metarec_dist.meta.config import RunConfig
+    from metarec_dist.meta.saved_run import run_config
 
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml); give one under runs/")
+    config = run_config(run_dir, overrides, "runner.", "a resumed run")
     if (run_dir / "results.json").exists():
         raise ConfigError(f"--resume {run_dir}: this run already finished (results.json exists); start a new one")
-    for text in overrides:
-        if not text.startswith("runner."):
-            raise ConfigError(f"--set {text!r}: a resumed run keeps its config; only runner.* may change")
-    return load_config(RunConfig, run_dir / "config.yaml", overrides)
+    return config
 
 
 def _last_checkpoint(run_dir: Path, config) -> Path:

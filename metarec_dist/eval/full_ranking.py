@@ -67,22 +67,31 @@ class EvalConfig(StrictModel):
         return ks
 
 
-def history_exclusion(
+def history_pairs(
     histories: SequenceView, rows: np.ndarray, targets: np.ndarray, num_items: int, allow_repeats: bool
-) -> np.ndarray:
-    """``[len(rows), N+1]`` bool: True for each item in the row's full history.
+) -> tuple[np.ndarray, np.ndarray]:
+    """The excluded (index into ``rows``, item id) pairs: each row's full history.
 
-    With ``allow_repeats`` the row's own target is cleared, so a re-consumed
+    With ``allow_repeats`` the row's own target is left out, so a re-consumed
     item stays rankable; otherwise it stays excluded and the user is a miss.
     """
     row_index, _, items = histories.flat_rows(rows)
     items = items.astype(np.int64)
     if len(items) and (items.min() < 1 or items.max() > num_items):
         raise ValueError(f"history contains item ids outside 1..{num_items}; is num_items the domain's item count?")
+    if allow_repeats:
+        keep = items != np.asarray(targets, dtype=np.int64)[row_index]
+        row_index, items = row_index[keep], items[keep]
+    return row_index, items
+
+
+def history_exclusion(
+    histories: SequenceView, rows: np.ndarray, targets: np.ndarray, num_items: int, allow_repeats: bool
+) -> np.ndarray:
+    """``[len(rows), N+1]`` bool: True for each item of ``history_pairs``."""
+    row_index, items = history_pairs(histories, rows, targets, num_items, allow_repeats)
     mask = np.zeros((len(rows), num_items + 1), dtype=bool)
     mask[row_index, items] = True
-    if allow_repeats:
-        mask[np.arange(len(rows)), targets] = False
     return mask
 
 
@@ -165,4 +174,5 @@ def evaluate_full_ranking(
     return {**metrics_from_ranks(ranks, config.ks), "users": len(ranks)}
 
 
-__all__ = ["EvalConfig", "ScoreFn", "check_inputs", "evaluate_full_ranking", "history_exclusion", "ranks_full_ranking"]
+__all__ = ["EvalConfig", "ScoreFn", "check_inputs", "evaluate_full_ranking", "history_exclusion", "history_pairs",
+           "ranks_full_ranking"]

@@ -24,31 +24,22 @@ import torch
 
 from metarec_dist.data.batches import left_padded
 from metarec_dist.data.sequences import SequenceView
-from metarec_dist.eval.full_ranking import EvalConfig, check_inputs
+from metarec_dist.eval.full_ranking import EvalConfig, check_inputs, history_pairs
 from metarec_dist.retrieval.exact import ExactSearcher
-from metarec_dist.retrieval.search import Searcher, build_searcher, ranks_from_top_k, search_excluding
+from metarec_dist.retrieval.search import build_searcher, ranks_from_top_k, search_excluding
 
 QueryFn = Callable[[torch.Tensor], torch.Tensor]
 """Left-padded item ids ``[B, L]`` int64 -> query vectors ``[B, d]`` (scored by inner product)."""
 
 
 def excluded_rows(
-    histories: SequenceView, rows: np.ndarray, targets: np.ndarray, config: EvalConfig
+    histories: SequenceView, rows: np.ndarray, targets: np.ndarray, num_items: int, config: EvalConfig
 ) -> list[np.ndarray] | None:
-    """Per user, the item rows (item id - 1) that may not be ranked; None when nothing is excluded.
-
-    The same items ``full_ranking.history_exclusion`` masks: the user's whole
-    history, less the held-out item itself with ``allow_repeats``.
-    """
+    """Per user, the item rows (item id - 1) ``full_ranking.history_pairs`` excludes; None for ``exclude_seen: none``."""
     if config.exclude_seen == "none":
         return None
-    owner, _, items = histories.flat_rows(rows)
-    items = items.astype(np.int64)
-    if config.allow_repeats:
-        keep = items != targets[rows][owner]
-        owner, items = owner[keep], items[keep]
-    counts = np.bincount(owner, minlength=len(rows))
-    return np.split(items - 1, np.cumsum(counts)[:-1])
+    owner, items = history_pairs(histories, rows, targets[rows], num_items, config.allow_repeats)
+    return np.split(items - 1, np.cumsum(np.bincount(owner, minlength=len(rows)))[:-1])
 
 
 def query_vectors(query_fn: QueryFn, histories: SequenceView, rows: np.ndarray, max_length: int, batch: int):
@@ -69,22 +60,19 @@ def ranks_by_retrieval(
     config: EvalConfig,
     max_length: int,
     users: np.ndarray | None = None,
-    searcher: Searcher | None = None,
 ) -> np.ndarray:
     """Per-user 0-based rank of the target (item id ``targets[u]``) among items ``1..N``.
 
-    ``items`` is ``[N, d]``, row ``j`` holding item ``j + 1``; ``searcher``
-    (built from ``config.retrieval`` when not given) must be built over it.
+    ``items`` is ``[N, d]``, row ``j`` holding item ``j + 1``; the searcher is
+    ``config.retrieval``'s, built over it.
     """
     targets = np.asarray(targets, dtype=np.int64)
     num_items = items.shape[0]
     users = np.arange(len(histories)) if users is None else np.asarray(users, dtype=np.int64)
     check_inputs(histories, targets, num_items, max_length, users)
     queries = query_vectors(query_fn, histories, users, max_length, config.batch_size)
-    if queries.shape[1] != items.shape[1]:
-        raise ValueError(f"query vectors have width {queries.shape[1]}, item vectors {items.shape[1]}")
-    searcher = searcher if searcher is not None else build_searcher(items, config.retrieval)
-    excluded = excluded_rows(histories, users, targets, config)
+    searcher = build_searcher(items, config.retrieval)  # it checks the query width
+    excluded = excluded_rows(histories, users, targets, num_items, config)
     target_rows = targets[users] - 1
     if isinstance(searcher, ExactSearcher):
         return searcher.ranks(queries, target_rows, excluded)

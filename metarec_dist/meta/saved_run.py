@@ -26,21 +26,26 @@ class SavedRun:
     model: SequenceRecommender  # the target's model, in eval mode
 
 
+def run_config(run_dir: Path, overrides: list[str] | tuple[str, ...], may_change: str, kind: str) -> RunConfig:
+    """A run directory's own ``config.yaml``, with ``overrides`` only under ``may_change`` (e.g. ``eval.``)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); give a directory under runs/")
+    for text in overrides:
+        if not text.startswith(may_change):
+            raise ConfigError(f"--set {text!r}: {kind} keeps its config; only {may_change}* may change")
+    return load_config(RunConfig, run_dir / "config.yaml", list(overrides))
+
+
 def load_saved_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> SavedRun:
     """Read a finished run; ``overrides`` may change only ``eval.*`` (how it is evaluated)."""
     import torch
 
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); give a directory under runs/")
-    if not (run_dir / MODEL_FILE).is_file():
+    if (run_dir / "config.yaml").is_file() and not (run_dir / MODEL_FILE).is_file():
         raise ConfigError(
             f"{run_dir}: no saved model ({MODEL_FILE}); the run did not finish: "
             "resume it with `metarec-dist train --resume` or train again"
         )
-    for text in overrides:
-        if not text.startswith("eval."):
-            raise ConfigError(f"--set {text!r}: a saved run keeps its config; only eval.* may change")
-    config = load_config(RunConfig, run_dir / "config.yaml", list(overrides))
+    config = run_config(run_dir, overrides, "eval.", "a saved run")
     data = load_training_data(config, sources=[])
     target = config.data.target
     model = SequenceRecommender(config.effective_model, {target: data.catalogs[target]})
@@ -63,4 +68,4 @@ def load_saved_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -
     return SavedRun(run_dir=run_dir, config=config, data=data, model=model.eval())
 
 
-__all__ = ["MODEL_FILE", "SavedRun", "load_saved_run"]
+__all__ = ["MODEL_FILE", "SavedRun", "load_saved_run", "run_config"]

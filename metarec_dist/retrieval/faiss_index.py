@@ -52,11 +52,6 @@ class FaissSearcher:
         if self.config.index == "hnsw":
             self.cpu_index.hnsw.efSearch = self.config.ef_search
 
-    @property
-    def description(self) -> str:
-        where = "GPU" if self.on_gpu else "CPU"
-        return f"faiss {self.config.index} ({where})"
-
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         """Top-``k`` rows per query, best first; a slot FAISS could not fill has row -1."""
         queries = _as_queries(queries, self.width)

@@ -1,6 +1,6 @@
 """One entry point to build a searcher from a config, and search with per-query exclusions.
 
-Every searcher has ``num_items``, ``width``, ``description`` and
+Every searcher has ``num_items``, ``width`` and
 ``search(queries, k) -> SearchResult``; rows are 0-based positions in the
 item matrix it was built from.
 """
@@ -25,9 +25,6 @@ class Searcher(Protocol):
     num_items: int
     width: int
 
-    @property
-    def description(self) -> str: ...
-
     def search(self, queries: np.ndarray, k: int) -> SearchResult: ...
 
 
@@ -51,8 +48,9 @@ def build_searcher(items: np.ndarray | torch.Tensor, config: RetrievalConfig, pr
     """The searcher ``config.index`` names, over ``items`` ``[N, d]``; memory is checked first."""
     num_items, width = tuple(items.shape) if len(items.shape) == 2 else (0, 0)
     needed = index_bytes(config.index, num_items, width, config.pq_m, config.pq_bits, config.hnsw_m)
+    device = exact_device(config) if config.index == "exact" else "cpu"
     if config.index == "exact" and (
-        config.precision == "bf16" or (config.precision == "auto" and bf16_is_fast(exact_device(config)))
+        config.precision == "bf16" or (config.precision == "auto" and bf16_is_fast(device))
     ):
         needed += needed // 2  # the bf16 copy
     check_memory(needed, f"a {config.index} searcher over {num_items:,} x {width} items")
@@ -60,7 +58,7 @@ def build_searcher(items: np.ndarray | torch.Tensor, config: RetrievalConfig, pr
         return ExactSearcher(
             items,
             precision=config.precision,
-            device=exact_device(config),
+            device=device,
             query_block=config.query_block,
             item_block=config.item_block,
         )
