@@ -16,8 +16,18 @@ its own sources' tables). Two sweeps, measured in one process, one after the
 other:
 
 - domains: 2, 16, 64, 256 sources on 2 workers (target: flat step time);
-- weak scaling: 16 sources on 1 worker against 32 on 2 (the same work per
-  worker; efficiency = rate(2) / rate(1), target >= 90%).
+- weak scaling: one store of 32 sources; 2 workers (16 sources each) against
+  1 worker owning exactly worker 0's 16 (the same domains, so the same work
+  per worker; efficiency = rate(2) / rate(1), target >= 90%). It runs for the
+  quick-start model and for each ``--weak-model`` (a larger model does more
+  work per step for the same number of collectives). The 1-worker run is
+  measured twice: on an idle machine, and with every other core kept busy by
+  a spinning process at a Ray worker's niceness ("loaded"), which is what a
+  worker of the 2-worker run sees (Ray's own processes then share the
+  workers' cores). Each run also
+  reports where a worker's meta-step time went: collectives (waiting for the
+  slower worker included), the DeepSpeed engine, and the rest (the tasks'
+  compute).
 
     python benchmarks/bench_scaling.py --output benchmarks/results/scaling.json
 """
@@ -25,16 +35,20 @@ other:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
+import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from metarec_dist.machine import machine_description
 from metarec_dist.config import load_config
 from metarec_dist.data.store import DomainStore
 from metarec_dist.data.synthetic import SyntheticConfig, generate_store
-from metarec_dist.dist.runner import train_distributed
+from metarec_dist.dist.runner import source_plan, train_distributed
 from metarec_dist.meta.config import RunConfig
 from metarec_dist.report.run_directory import write_json
 from metarec_dist.report.tables import format_table
@@ -50,13 +64,27 @@ def make_store(root: Path, sources: int) -> tuple[DomainStore, list[str]]:
     return store, [r.name for r in results if r.kind != "target"]
 
 
-def one_run(store: DomainStore, sources: list[str], workers: int, steps: int, tasks: int, workdir: Path) -> dict:
-    config = load_config(RunConfig, QUICKSTART, [
+# Larger models for the weak-scaling sweep (--weak-model): the Beauty experiments' encoder.
+MODELS = {
+    "quickstart": [],
+    "beauty": ["model.width=64", "model.item_width=64", "model.encoder.layers=2", "model.encoder.max_length=50",
+               "train.batch_size=128"],
+}
+
+
+def run_config(store: DomainStore, sources: list[str], workers: int, steps: int, tasks: int, workdir: Path,
+               model: str = "quickstart") -> RunConfig:
+    return load_config(RunConfig, QUICKSTART, [
         f"data.store={store.root}", f"data.sources={sources}", f"train.steps={steps}",
         f"train.eval_every={steps // 2}", "train.patience=10", f"meta.tasks_per_step={tasks}",
         f"runner.workers={workers}", "runner.checkpoint_every=0", "runner.zero_stage=2",
-        f"output_dir={workdir}",
+        f"output_dir={workdir}", *MODELS[model],
     ])
+
+
+def one_run(store: DomainStore, sources: list[str], workers: int, steps: int, tasks: int, workdir: Path,
+            model: str = "quickstart") -> dict:
+    config = run_config(store, sources, workers, steps, tasks, workdir, model)
     started = time.perf_counter()
     results = train_distributed(config, Path(tempfile.mkdtemp(dir=workdir))).results
     half, end = results["history"][-2], results["history"][-1]
@@ -64,12 +92,43 @@ def one_run(store: DomainStore, sources: list[str], workers: int, steps: int, ta
     return {
         "sources": len(sources),
         "workers": workers,
+        "model": model,
         "meta_steps_per_s": (end["step"] - half["step"]) / (end["seconds"] - half["seconds"]),
         "peak_rss_mb_per_worker": [round(w["peak_rss_mb"]) for w in per_worker],
         "source_parameters_per_worker": [w["parameters"]["sources"] for w in per_worker],
         "shared_parameters": per_worker[0]["parameters"]["shared"],
+        "main_step_ms_per_worker": [w["main_step_ms"] for w in per_worker],
         "wall_seconds_with_startup": time.perf_counter() - started,
     }
+
+
+def _spin() -> None:
+    os.nice(15)  # as niced as a Ray worker: the same claim on the CPU as a second worker
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def busy_cores(count: int) -> Iterator[None]:
+    """``count`` processes spinning on a core each, while the block runs."""
+    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(count)]
+    for spinner in spinners:
+        spinner.start()
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.join()
+
+
+def time_split(row: dict) -> str:
+    """Mean over workers of a meta-step's time: collectives / DeepSpeed engine / the rest (compute)."""
+    parts = row["main_step_ms_per_worker"]
+    mean = {key: statistics.mean(p[key] for p in parts) for key in parts[0]}
+    rest = mean["total"] - mean["in_collectives"] - mean["in_encoder_engine"]
+    return (f"{mean['total']:.0f} ms = collectives {mean['in_collectives']:.0f} + engine "
+            f"{mean['in_encoder_engine']:.0f} + compute {rest:.0f}")
 
 
 def main() -> None:
@@ -78,23 +137,41 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80, help="meta-steps per run (rate over the second half)")
     parser.add_argument("--tasks-per-step", type=int, default=1, help="tasks per meta-step per worker")
     parser.add_argument("--repeats", type=int, default=1, help="runs per setting; the median rate is reported")
+    parser.add_argument("--weak-model", nargs="*", default=["beauty"], choices=sorted(set(MODELS) - {"quickstart"}),
+                        help="larger models for the weak-scaling sweep, besides the quick-start one")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/scaling.json"))
     args = parser.parse_args()
 
     machine = machine_description()
     print(f"machine: {machine}")
     rows: list[dict] = []
+
+    def measure(sweep: str, store: DomainStore, sources: list[str], workers: int, model: str = "quickstart",
+                loaded: bool = False) -> None:
+        runs = []
+        for _ in range(args.repeats):
+            with busy_cores(os.cpu_count() - workers) if loaded else contextlib.nullcontext():
+                runs.append(one_run(store, sources, workers, args.steps, args.tasks_per_step, workdir, model))
+        rates = [run["meta_steps_per_s"] for run in runs]
+        median = sorted(runs, key=lambda run: run["meta_steps_per_s"])[len(runs) // 2]
+        row = {**median, "sweep": sweep, "loaded": loaded, "meta_steps_per_s": statistics.median(rates),
+               "rates": rates}
+        print(f"{sweep:7s} {model:10s} {len(sources):4d} sources on {workers} worker(s){' (loaded)' if loaded else ''}: "
+              f"{row['meta_steps_per_s']:.2f} meta-steps/s, peak RSS per worker {row['peak_rss_mb_per_worker']} MB; "
+              f"{time_split(row)}", flush=True)
+        rows.append(row)
+
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(scratch)
-        settings = [("domains", n, 2) for n in args.domains] + [("weak", 16, 1), ("weak", 32, 2)]
-        for sweep, count, workers in settings:
-            store, sources = make_store(workdir, count)
-            runs = [one_run(store, sources, workers, args.steps, args.tasks_per_step, workdir) for _ in range(args.repeats)]
-            rates = [run["meta_steps_per_s"] for run in runs]
-            row = {**runs[0], "sweep": sweep, "meta_steps_per_s": statistics.median(rates), "rates": rates}
-            print(f"{sweep:7s} {count:4d} sources on {workers} worker(s): {row['meta_steps_per_s']:.2f} meta-steps/s, "
-                  f"peak RSS per worker {row['peak_rss_mb_per_worker']} MB", flush=True)
-            rows.append(row)
+        for count in args.domains:
+            measure("domains", *make_store(workdir, count), workers=2)
+        store, sources = make_store(workdir, 32)
+        # The 1-worker run owns exactly worker 0's shard of the 2-worker plan: the same domains.
+        shard = source_plan(run_config(store, sources, 2, args.steps, args.tasks_per_step, workdir)).shard(0)
+        for model in ["quickstart", *args.weak_model]:
+            measure("weak", store, shard, workers=1, model=model)
+            measure("weak", store, shard, workers=1, model=model, loaded=True)
+            measure("weak", store, sources, workers=2, model=model)
 
     domain_rows = [r for r in rows if r["sweep"] == "domains"]
     base = domain_rows[0]["meta_steps_per_s"]
@@ -102,8 +179,13 @@ def main() -> None:
         total = sum(row["source_parameters_per_worker"])
         row["step_time_vs_first"] = round(base / row["meta_steps_per_s"], 3)
         row["largest_worker_share_of_source_tables"] = round(max(row["source_parameters_per_worker"]) / total, 3)
-    one, two = (r for r in rows if r["sweep"] == "weak")
-    efficiency = two["meta_steps_per_s"] / one["meta_steps_per_s"]
+    weak = {}
+    for model in ["quickstart", *args.weak_model]:
+        one, loaded, two = (r for r in rows if r["sweep"] == "weak" and r["model"] == model)
+        weak[model] = {"one_worker": one["meta_steps_per_s"], "one_worker_loaded": loaded["meta_steps_per_s"],
+                       "two_workers": two["meta_steps_per_s"],
+                       "efficiency": two["meta_steps_per_s"] / one["meta_steps_per_s"],
+                       "efficiency_vs_loaded": two["meta_steps_per_s"] / loaded["meta_steps_per_s"]}
 
     print()
     print(format_table(
@@ -112,11 +194,13 @@ def main() -> None:
           "largest share of tables": r["largest_worker_share_of_source_tables"]} for r in domain_rows],
         ["sources", "workers", "meta-steps/s", "step time vs 2", "peak MB/worker", "largest share of tables"],
     ))
-    print(f"\nweak scaling (16 sources per worker): 1 worker {one['meta_steps_per_s']:.2f} meta-steps/s, "
-          f"2 workers {two['meta_steps_per_s']:.2f}: efficiency {efficiency:.1%}")
+    for model, result in weak.items():
+        print(f"weak scaling, {model} model (16 sources per worker): 1 worker {result['one_worker']:.2f} "
+              f"meta-steps/s ({result['one_worker_loaded']:.2f} loaded), 2 workers {result['two_workers']:.2f}: "
+              f"efficiency {result['efficiency']:.1%} ({result['efficiency_vs_loaded']:.1%} against the loaded "
+              "1-worker run)")
     write_json(args.output, {"machine": machine, "steps": args.steps, "repeats": args.repeats,
-                             "tasks_per_step": args.tasks_per_step, "runs": rows,
-                             "weak_scaling_efficiency": efficiency})
+                             "tasks_per_step": args.tasks_per_step, "runs": rows, "weak_scaling": weak})
     print(f"wrote {args.output}")
 
 

@@ -209,6 +209,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from metarec_dist.report.progress import ProgressPrinter
     from metarec_dist.report.run_directory import create_run_dir, save_state, write_json, write_yaml
     from metarec_dist.report.summary import format_run_summary
+    from metarec_dist.report.tensorboard import TensorBoardLog
 
     if (args.config is None) == (args.resume is None):
         raise ConfigError("train: give a CONFIG file, or --resume RUN_DIR (not both)")
@@ -228,28 +229,41 @@ def cmd_train(args: argparse.Namespace) -> None:
     package_log = logging.getLogger("metarec_dist")
     package_log.addHandler(file_log)
     package_log.setLevel(logging.INFO)
+    tensorboard = TensorBoardLog(run_dir / "tensorboard") if config.train.tensorboard else None
     try:
         print(f"run directory: {run_dir}", file=sys.stderr)
         if config.runner.workers == 1 and resume_from is None:
-            outcome = Trainer(config, data, progress=sys.stderr.isatty()).run()
+            trainer = Trainer(config, data, progress=sys.stderr.isatty())
+            log_step = (lambda step: tensorboard(trainer.progress_record(step))) if tensorboard else None
+            outcome = trainer.run(after_step=log_step)
         else:
             from metarec_dist.dist.runner import train_distributed
 
             where = f", resuming from {resume_from}" if resume_from else ""
             print(f"training on {config.runner.workers} Ray Train workers{where}", file=sys.stderr)
-            progress = ProgressPrinter(config.train.steps, config.train.selection_metric)
+            printer = ProgressPrinter(config.train.steps, config.train.selection_metric)
+
+            def on_progress(record: dict) -> None:  # the leader's record after each meta-step
+                printer(record)
+                if tensorboard is not None:
+                    tensorboard(record)
+
             try:
-                outcome = train_distributed(config, run_dir / "ray", resume_from, on_progress=progress)
+                outcome = train_distributed(config, run_dir / "ray", resume_from, on_progress=on_progress)
             finally:
-                progress.close()
+                printer.close()
         save_state(run_dir / MODEL_FILE, outcome.best_state)
         write_json(run_dir / "results.json", outcome.results)
         plots = write_plots(outcome.results, run_dir)
     finally:
         package_log.removeHandler(file_log)
         file_log.close()
+        if tensorboard is not None:
+            tensorboard.close()
     print(format_run_summary(outcome.results))
     print(f"plots: {', '.join(str(path) for path in plots)}")
+    if tensorboard is not None:
+        print(f"tensorboard: tensorboard --logdir {tensorboard.directory}")
     print(f"results: {run_dir / 'results.json'}")
 
 

@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -74,3 +75,44 @@ def random_batch(num_items: int, seed: int, rows: int = 3, leading_padding: int 
     inputs, targets = window[:, :-1], window[:, 1:].copy()
     targets[inputs == 0] = 0
     return NextItemBatch(inputs, targets)
+
+
+def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``directory``: tag -> [(step, value)].
+
+    Reads the TFRecord framing (length, its CRC, the Event, its CRC) directly,
+    so the test does not depend on TensorBoard itself.
+    """
+    import struct
+    from collections import defaultdict
+    from pathlib import Path
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for path in sorted(Path(directory).glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars[value.tag].append((event.step, value.simple_value))
+    return dict(scalars)
+
+
+def assert_tensorboard_matches_results(run_dir):
+    """The event files hold what results.json holds: losses, validation metrics, source weights."""
+    results = json.loads((run_dir / "results.json").read_text())
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    assert [step for step, _ in scalars["train/loss"]] == list(range(1, results["steps_run"] + 1))
+    for entry in results["history"]:  # at a validation the loss is the mean since the previous one
+        assert (entry["step"], pytest.approx(entry["train_loss"])) in scalars["train/loss"]
+    validations = [(entry["step"], pytest.approx(entry["valid"]["NDCG@10"])) for entry in results["history"]]
+    assert scalars["valid/NDCG_10"] == validations
+    logged = {tag.removeprefix("source_weight/") for tag in scalars if tag.startswith("source_weight/")}
+    assert logged == set(results["source_weights"]["final"])
+    for entry in results["source_weights"]["history"]:
+        for source, weight in zip(entry["sources"], entry["weights"]):
+            assert (entry["step"], pytest.approx(weight * len(entry["sources"]))) in scalars[f"source_weight/{source}"]
+    assert all(rate > 0 for _, rate in scalars["speed/steps_per_s"])

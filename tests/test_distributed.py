@@ -3,11 +3,12 @@
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import random_batch, write_config
+from conftest import assert_tensorboard_matches_results, random_batch, write_config
 from metarec_dist.meta.config import RunConfig
 from metarec_dist.meta.step import MetaConfig, TaskBatch, meta_step
 from metarec_dist.model.encoder import EncoderConfig
@@ -129,10 +130,12 @@ def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tm
 
 def test_train_command_runs_on_two_workers_and_writes_results(ray_cluster, synthetic_store, tmp_path, capsys):
     from metarec_dist.cli import main
-    config = write_config(tmp_path, synthetic_store, runner={"workers": 2})
+    config = write_config(tmp_path, synthetic_store, runner={"workers": 2}, **{"train.tensorboard": True})
     assert main(["train", str(config)]) == 0
     results_path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results: ")
     results = json.loads(open(results_path).read())
+    # The driver logs the leader's progress records, as the single-process run does.
+    assert_tensorboard_matches_results(Path(results_path).parent)
     assert results["workers"] == 2
     owners = results["plan"]["owner"]
     assert sorted(owners) == sorted(results["sources"]) and set(owners.values()) == {0, 1}
@@ -145,6 +148,9 @@ def test_train_command_runs_on_two_workers_and_writes_results(ray_cluster, synth
     assert per_worker[0]["parameters"]["shared"] == per_worker[1]["parameters"]["shared"]
     total_sources = sum(w["parameters"]["sources"] for w in per_worker)
     assert all(0 < w["parameters"]["sources"] < total_sources for w in per_worker)
+    # Where each worker's meta-step time went: parts of the whole, the DeepSpeed engine timed.
+    for times in (w["main_step_ms"] for w in per_worker):
+        assert 0 < times["in_collectives"] < times["total"] and 0 < times["in_encoder_engine"] < times["total"]
 
 
 def test_more_workers_than_source_domains_fails_before_starting(ray_cluster, synthetic_store, tmp_path, capsys):

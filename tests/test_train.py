@@ -13,7 +13,7 @@ from metarec_dist.meta.config import RunConfig
 from metarec_dist.meta.trainer import Trainer, load_training_data
 from metarec_dist.report.run_directory import load_state
 
-from conftest import SOURCES, write_config
+from conftest import SOURCES, assert_tensorboard_matches_results, write_config
 
 
 @pytest.mark.parametrize("method", ["metarec", "uniform", "joint", "target_only"])
@@ -47,6 +47,14 @@ def test_every_method_trains_and_writes_a_complete_run_directory(synthetic_store
             assert all(w == pytest.approx(0.5) for e in weights["history"] for w in e["weights"])
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["method"] == method and saved["train"]["steps"] == 6
+
+
+def test_tensorboard_logs_loss_validation_and_source_weights_at_every_step(synthetic_store, tmp_path, capsys):
+    config = write_config(tmp_path, synthetic_store, **{"train.tensorboard": True})
+    assert main(["train", str(config)]) == 0
+    assert "tensorboard: tensorboard --logdir" in capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert_tensorboard_matches_results(run_dir)
 
 
 def test_a_second_run_gets_its_own_directory(synthetic_store, tmp_path, capsys):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,7 @@ class WorkerOptimizer:
                 self.codebook_adam = torch.optim.Adam([self.codebook_shard], **adam)
 
         self.encoder_parameters = [named[n] for n in encoder_names]
+        self.engine_seconds = 0.0  # wall time in the DeepSpeed engine's backward and step (its collectives)
         self.engine = None
         self.encoder_adam = None
         if config.runner.zero_stage is None:
@@ -129,27 +131,32 @@ class WorkerOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        self._step_replicated()
-        self._step_codebook()
+        # The replicated tensors' and the codebook's gradients are summed in one all-reduce:
+        # each collective costs a round trip in which both workers wait.
+        summed = summed_gradients(self.replicated + self._codebook_list(), self.collective)
+        self._step_replicated(summed[: len(self.replicated)])
+        if self.codebooks is not None:
+            self._step_codebook(summed[-1])
         if self.local_adam is not None:
             self.local_adam.step()
         if self.engine is not None:
             self._step_encoder()
 
+    def _codebook_list(self) -> list[torch.Tensor]:
+        return [self.codebooks] if self.codebooks is not None else []
+
     # --- the owners -------------------------------------------------------------------
 
-    def _step_replicated(self) -> None:
-        for p, g in zip(self.replicated, summed_gradients(self.replicated, self.collective)):
+    def _step_replicated(self, gradients: list[torch.Tensor | None]) -> None:
+        for p, g in zip(self.replicated, gradients):
             p.grad = g
         self.replicated_adam.step()
         if self.encoder_adam is not None:
             self.encoder_adam.step()
 
-    def _step_codebook(self) -> None:
-        if self.codebooks is None:
-            return
-        (gradient,) = summed_gradients([self.codebooks], self.collective)
-        if gradient is None:  # no worker used the codebook this step
+    def _step_codebook(self, gradient: torch.Tensor | None) -> None:
+        """``gradient``: the codebook's, summed over workers (None: no worker used it this step)."""
+        if gradient is None:
             return
         updated = torch.zeros_like(self.codebooks)
         if self.codebook_shard is not None:
@@ -163,6 +170,7 @@ class WorkerOptimizer:
         self.codebooks.copy_(updated)
 
     def _step_encoder(self) -> None:
+        started = time.perf_counter()
         gradients = [_grad_or_zero(p).clone() for p in self.encoder_parameters]
         for p in self.encoder_parameters:
             p.grad = None
@@ -170,6 +178,7 @@ class WorkerOptimizer:
             surrogate = sum((p * g).sum() for p, g in zip(self.encoder_parameters, gradients))
             self.engine.backward(surrogate * self.collective.world_size)
         self.engine.step()
+        self.engine_seconds += time.perf_counter() - started
 
     # --- checkpoints: state that does not depend on the number of workers --------------
 

@@ -173,6 +173,9 @@ def _connect(config: RunConfig) -> None:
             log_to_driver=False,
             logging_level=logging.ERROR,
             runtime_env=_driver_runtime_env({"PYTHONWARNINGS": "ignore::FutureWarning"}),
+            # A local cluster needs no dashboard (its processes take CPU from the workers);
+            # jobs are submitted to a cluster started with `ray start`, which has one.
+            include_dashboard=False if address is None else None,
         )
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = address or "a new local cluster"
@@ -293,7 +296,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     def after_step(step: int) -> None:
         if progress is not None and collective.rank == 0:
             try:
-                progress.put_nowait(_progress_record(trainer, step))
+                progress.put_nowait(trainer.progress_record(step))
             except Full:  # nobody is reading (the driver went away): progress is optional
                 pass
         if every and step % every == 0 and step < config.train.steps and not trainer.loop.stopped:
@@ -324,21 +327,6 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     torch.save({k: v.detach().cpu() for k, v in outcome.best_state.items()}, model)
     _report_final(collective.rank, {RESULTS_FILE: json.dumps(outcome.results or {}).encode(),
                                     MODEL_FILE: model.getvalue()})
-
-
-def _progress_record(trainer, step: int) -> dict[str, Any]:
-    """What the driver's progress line shows after ``step`` (sent by the leader)."""
-    record: dict[str, Any] = {"step": step, "seconds": trainer.loop.seconds}
-    if trainer.loop.pending_losses:
-        record["loss"] = trainer.loop.pending_losses[-1]
-    if trainer.loop.history and trainer.loop.history[-1]["step"] == step:  # just validated
-        record["loss"] = trainer.loop.history[-1]["train_loss"]  # mean since the previous validation
-        record["valid"] = trainer.loop.history[-1]["valid"][trainer.config.train.selection_metric]
-    summary = trainer.weights.summary()
-    if summary:
-        top = sorted(summary.items(), key=lambda item: -item[1]["mean_relative_weight"])[:3]
-        record["top_sources"] = [(name, round(values["mean_relative_weight"], 2)) for name, values in top]
-    return record
 
 
 def _report_final(rank: int, files: dict[str, bytes]) -> None:

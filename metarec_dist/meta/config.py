@@ -35,6 +35,7 @@ class TrainConfig(StrictModel):
     selection_metric: str = Field("NDCG@10", description="validation metric for early stopping")
     codebook_reinit_every: int = Field(100, ge=0, description="re-initialise dead codewords (0: never)")
     threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
+    tensorboard: bool = Field(False, description="also write TensorBoard event files to RUN_DIR/tensorboard")
 
 
 class RunnerConfig(StrictModel):

@@ -222,6 +222,7 @@ class Collective(Protocol):
 
     rank: int
     world_size: int
+    seconds: float  # wall time spent in these calls so far (waiting for other processes included)
 
     def all_gather_object(self, value: Any) -> list[Any]:
         """Every process's ``value``, in rank order."""
@@ -241,6 +242,7 @@ class LocalCollective:
 
     rank = 0
     world_size = 1
+    seconds = 0.0
 
     def all_gather_object(self, value: Any) -> list[Any]:
         return [value]

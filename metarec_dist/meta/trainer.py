@@ -118,6 +118,21 @@ class LoopState:
 
 
 @dataclass
+class StepTime:
+    """Where this process's main-step wall time went (since it started; for per-worker results)."""
+
+    steps: int = 0
+    total: float = 0.0
+    in_collectives: float = 0.0  # gathers and reductions, waiting for the slower worker included
+    in_encoder_engine: float = 0.0  # the DeepSpeed engine's backward and step, its collectives included
+
+    def per_step_ms(self) -> dict[str, float]:
+        per = 1000.0 / max(self.steps, 1)
+        return {"total": self.total * per, "in_collectives": self.in_collectives * per,
+                "in_encoder_engine": self.in_encoder_engine * per}
+
+
+@dataclass
 class _SourceWeights:
     """Per-source weight bookkeeping: which sources the target listens to."""
 
@@ -188,6 +203,7 @@ class Trainer:
         self.length = config.model.encoder.max_length
         self.weights = _SourceWeights()
         self.loop = LoopState()
+        self.step_time = StepTime()
         self.best_state: dict[str, torch.Tensor] | None = None
 
     @property
@@ -300,7 +316,7 @@ class Trainer:
         steps = range(loop.step + 1, train.steps + 1) if not loop.stopped else range(0)
         bar = tqdm(steps, desc=self.config.method, disable=not self.progress or loop.stopped)
         for step in bar:
-            loop.pending_losses.append(main_step(step))
+            loop.pending_losses.append(self._timed(main_step, step))
             loop.step = step
             if step % train.eval_every == 0 or step == train.steps:
                 entry = self._validate(step, started, leader)
@@ -341,6 +357,44 @@ class Trainer:
         if self._is_meta:
             results["source_weights"] = {"final": self.weights.summary(), "history": self.weights.history}
         return TrainingOutcome(results=results, best_state=self.best_state, model=self.model)
+
+    def progress_record(self, step: int) -> dict[str, Any]:
+        """What progress displays and logs show after ``step`` (the leader's view; JSON-able).
+
+        ``loss``: the step's (at a validation, the mean since the previous one);
+        at validations ``valid`` (the selection metric) and ``valid_metrics``
+        (all); for meta-steps ``step_weights``, each task's weight relative to
+        a uniform share, and ``top_sources`` by mean relative weight so far.
+        """
+        loop = self.loop
+        record: dict[str, Any] = {"step": step, "seconds": loop.seconds}
+        if loop.pending_losses:
+            record["loss"] = loop.pending_losses[-1]
+        if loop.history and loop.history[-1]["step"] == step:  # just validated
+            record["loss"] = loop.history[-1]["train_loss"]
+            record["valid_metrics"] = loop.history[-1]["valid"]
+            record["valid"] = record["valid_metrics"][self.config.train.selection_metric]
+        if self.weights.history and self.weights.history[-1]["step"] == step:
+            last = self.weights.history[-1]
+            record["step_weights"] = {source: weight * len(last["sources"])
+                                      for source, weight in zip(last["sources"], last["weights"])}
+        summary = self.weights.summary()
+        if summary:
+            top = sorted(summary.items(), key=lambda item: -item[1]["mean_relative_weight"])[:3]
+            record["top_sources"] = [(name, round(values["mean_relative_weight"], 2)) for name, values in top]
+        return record
+
+    def _timed(self, main_step: Callable[[int], float], step: int) -> float:
+        """``main_step(step)``, its wall time added to ``self.step_time``."""
+        # A WorkerOptimizer times its DeepSpeed engine; a plain torch optimizer has none.
+        engine_seconds = lambda: getattr(self.optimizer, "engine_seconds", 0.0)  # noqa: E731
+        started, collectives, engine = time.perf_counter(), self.collective.seconds, engine_seconds()
+        loss = main_step(step)
+        self.step_time.steps += 1
+        self.step_time.total += time.perf_counter() - started
+        self.step_time.in_collectives += self.collective.seconds - collectives
+        self.step_time.in_encoder_engine += engine_seconds() - engine
+        return loss
 
     def _validate(self, step: int, started: float, leader: bool) -> dict[str, Any]:
         """Every process ranks its slice of the users; the leader decides on early stopping for all.
@@ -391,6 +445,7 @@ class Trainer:
             "sources": len(self.data.sources),
             "parameters": counts,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+            "main_step_ms": self.step_time.per_step_ms(),
         }
 
     def _target_model_state(self) -> dict[str, torch.Tensor]:
