@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from metarec_dist.config import load_config
 from metarec_dist.data.store import DomainStore
@@ -26,3 +27,30 @@ def test_metarec_weights_related_sources_above_unrelated_and_noise_sources(tmp_p
     # Measured over seeds 0-2: related 1.09-1.14, unrelated 0.83-1.01, noise 0.75-0.90.
     assert mean["related"] > 1.0
     assert mean["related"] > mean["unrelated"] and mean["related"] > mean["noise"]
+
+
+def _test_ndcg(config: RunConfig) -> float:
+    return Trainer(config, load_training_data(config), progress=False).run().results["test"]["NDCG@10"]
+
+
+@pytest.mark.slow
+def test_meta_transfer_without_the_codebook_beats_target_only_at_ten_percent(tmp_path):
+    """The meta-steps and the shared encoder transfer; the codebook is switched off here.
+
+    With the codebook on, every transfer variant loses to target-only on these
+    domains (docs/RESULTS.md), so this test pins what does transfer. Store: a
+    300-item target keeping 10% of its users, sources of 200-600 items. Over
+    seeds 0-2 (2 threads) target-only scored 0.2089 / 0.2102 / 0.2035 and this
+    MetaRec 0.2159 / 0.2241 / 0.2142; with one thread (reproducible runs) the
+    gains at seeds 0 and 1 were +0.0071 and +0.0135.
+    """
+    store = DomainStore(tmp_path / "store")
+    generate_store(SyntheticConfig(target_items=300, source_items=(200, 600), source_users=(2000, 3000)), store)
+    common = [f"data.store={store.root}", "train.threads=1", f"output_dir={tmp_path / 'runs'}"]
+    gains = []
+    for seed in (0, 1):
+        target_only = load_config(RunConfig, QUICKSTART, [*common, f"train.seed={seed}", "method=target_only"])
+        metarec = load_config(RunConfig, QUICKSTART, [*common, f"train.seed={seed}", "method=metarec",
+                                                      "model.use_vq=false", "train.pretrain_steps=300"])
+        gains.append(_test_ndcg(metarec) - _test_ndcg(target_only))
+    assert np.mean(gains) > 0.003, gains
