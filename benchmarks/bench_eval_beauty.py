@@ -29,13 +29,12 @@ from metarec_dist.data.importer import import_file
 from metarec_dist.data.splits import leave_one_out
 from metarec_dist.data.store import DomainStore
 from metarec_dist.eval.full_ranking import EvalConfig, ranks_full_ranking
-from metarec_dist.eval.retrieval_ranking import excluded_rows, query_vectors
+from metarec_dist.eval.retrieval_ranking import query_vectors, ranks_given_queries
 from metarec_dist.machine import machine_description
 from metarec_dist.model.recommender import ModelConfig, SequenceRecommender
 from metarec_dist.report.run_directory import write_json
 from metarec_dist.report.tables import format_table
 from metarec_dist.retrieval.config import RetrievalConfig
-from metarec_dist.retrieval.search import build_searcher, ranks_from_top_k, search_excluding
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -77,19 +76,13 @@ def main() -> None:
     rows.append({"what": "torch reference (encoder + full scores + mask)", "seconds": seconds, "same_ranks": True})
     queries = query_vectors(encode, histories, users, length, 1024)
     items = model.item_vectors("Beauty")
-    target_rows = targets.astype(np.int64) - 1
     for index in ("exact", "flat"):
         config = EvalConfig(retrieval=RetrievalConfig(index=index))
-
-        def rank(config=config):
-            searcher = build_searcher(items, config.retrieval)
-            excluded = excluded_rows(histories, users, targets, num_items, config)
-            if index == "exact":
-                return searcher.ranks(queries, target_rows, excluded)
-            found = search_excluding(searcher, queries.numpy(), max(config.ks), excluded)
-            return ranks_from_top_k(found.rows, target_rows, num_items)
-
-        seconds, ranks = timed(rank, args.repeats)
+        seconds, ranks = timed(
+            lambda config=config: ranks_given_queries(queries, items, histories, targets.astype(np.int64), config,
+                                                      users),
+            args.repeats,
+        )
         same = np.array_equal(ranks, reference) if index == "exact" else bool(
             np.array_equal(np.minimum(ranks, 20), np.minimum(reference, 20)))
         rows.append({"what": f"ranking given query vectors, index={index}", "seconds": seconds, "same_ranks": same})

@@ -133,7 +133,8 @@ class WorkerOptimizer:
     def step(self) -> None:
         # The replicated tensors' and the codebook's gradients are summed in one all-reduce:
         # each collective costs a round trip in which both workers wait.
-        summed = summed_gradients(self.replicated + self._codebook_list(), self.collective)
+        codebook = [self.codebooks] if self.codebooks is not None else []
+        summed = summed_gradients(self.replicated + codebook, self.collective)
         self._step_replicated(summed[: len(self.replicated)])
         if self.codebooks is not None:
             self._step_codebook(summed[-1])
@@ -141,9 +142,6 @@ class WorkerOptimizer:
             self.local_adam.step()
         if self.engine is not None:
             self._step_encoder()
-
-    def _codebook_list(self) -> list[torch.Tensor]:
-        return [self.codebooks] if self.codebooks is not None else []
 
     # --- the owners -------------------------------------------------------------------
 

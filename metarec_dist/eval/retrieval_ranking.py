@@ -71,6 +71,24 @@ def ranks_by_retrieval(
     users = np.arange(len(histories)) if users is None else np.asarray(users, dtype=np.int64)
     check_inputs(histories, targets, num_items, max_length, users)
     queries = query_vectors(query_fn, histories, users, max_length, config.batch_size)
+    return ranks_given_queries(queries, items, histories, targets, config, users)
+
+
+def ranks_given_queries(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    histories: SequenceView,
+    targets: np.ndarray,
+    config: EvalConfig,
+    users: np.ndarray,
+) -> np.ndarray:
+    """``ranks_by_retrieval`` once the users' query vectors ``[len(users), d]`` are known.
+
+    Builds ``config.retrieval``'s searcher and the exclusion lists: the exact
+    searcher counts every rank; a FAISS index ranks within max(k) (deeper
+    targets get rank N).
+    """
+    num_items = items.shape[0]
     searcher = build_searcher(items, config.retrieval)  # it checks the query width
     excluded = excluded_rows(histories, users, targets, num_items, config)
     target_rows = targets[users] - 1
@@ -83,4 +101,4 @@ def ranks_by_retrieval(
     return ranks_from_top_k(found.rows, target_rows, num_items)
 
 
-__all__ = ["QueryFn", "excluded_rows", "query_vectors", "ranks_by_retrieval"]
+__all__ = ["QueryFn", "excluded_rows", "query_vectors", "ranks_by_retrieval", "ranks_given_queries"]

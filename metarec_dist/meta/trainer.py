@@ -386,15 +386,17 @@ class Trainer:
 
     def _timed(self, main_step: Callable[[int], float], step: int) -> float:
         """``main_step(step)``, its wall time added to ``self.step_time``."""
-        # A WorkerOptimizer times its DeepSpeed engine; a plain torch optimizer has none.
-        engine_seconds = lambda: getattr(self.optimizer, "engine_seconds", 0.0)  # noqa: E731
-        started, collectives, engine = time.perf_counter(), self.collective.seconds, engine_seconds()
+        started, collectives, engine = time.perf_counter(), self.collective.seconds, self._engine_seconds()
         loss = main_step(step)
         self.step_time.steps += 1
         self.step_time.total += time.perf_counter() - started
         self.step_time.in_collectives += self.collective.seconds - collectives
-        self.step_time.in_encoder_engine += engine_seconds() - engine
+        self.step_time.in_encoder_engine += self._engine_seconds() - engine
         return loss
+
+    def _engine_seconds(self) -> float:
+        """A WorkerOptimizer times its DeepSpeed engine; a plain torch optimizer has none."""
+        return getattr(self.optimizer, "engine_seconds", 0.0)
 
     def _validate(self, step: int, started: float, leader: bool) -> dict[str, Any]:
         """Every process ranks its slice of the users; the leader decides on early stopping for all.

@@ -68,6 +68,13 @@ def bf16_is_fast(device: str) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def resolved_precision(precision: Precision, device: str) -> Literal["fp32", "bf16"]:
+    """``auto`` is bf16 (a candidate pass, rescored in fp32) where bf16 multiplies fast, else fp32."""
+    if precision == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    return precision
+
+
 @dataclass(frozen=True)
 class SearchResult:
     """Top-k per query, best first: ``scores`` float32 ``[Q, k]``, ``rows`` int64 ``[Q, k]``."""
@@ -103,16 +110,14 @@ class ExactSearcher:
         if not torch.isfinite(items).all():
             raise RetrievalError("items contain NaN or inf; they cannot be ranked")
         self.device = device
-        if precision == "auto":
-            precision = "bf16" if bf16_is_fast(device) else "fp32"
-        self.precision: Literal["fp32", "bf16"] = precision
+        self.precision = resolved_precision(precision, device)
         norms = items.norm(dim=1)
         # Largest norm first; equal norms keep row order (stable), for reproducible tiles.
         self.order = torch.sort(norms, descending=True, stable=True).indices  # position -> row
         self.items = items[self.order].contiguous()
         self.position_of = torch.empty_like(self.order)  # row -> position
         self.position_of[self.order] = torch.arange(len(self.order), device=device)
-        self.items_bf16 = self.items.to(torch.bfloat16) if precision == "bf16" else None
+        self.items_bf16 = self.items.to(torch.bfloat16) if self.precision == "bf16" else None
         self.max_item_norm = float(norms.max())
         self.query_block = query_block
         self.item_block = item_block
@@ -363,4 +368,5 @@ def _top_k_per_query(
     return score_np[take].reshape(num_queries, k), item_np[take].reshape(num_queries, k)
 
 
-__all__ = ["BF16_RELATIVE_BOUND", "ExactSearcher", "SearchResult", "bf16_error_bound", "bf16_is_fast"]
+__all__ = ["BF16_RELATIVE_BOUND", "ExactSearcher", "SearchResult", "bf16_error_bound", "bf16_is_fast",
+           "resolved_precision"]

@@ -16,7 +16,7 @@ import torch
 
 from metarec_dist.errors import RetrievalError
 from metarec_dist.retrieval.config import RetrievalConfig
-from metarec_dist.retrieval.exact import ExactSearcher, SearchResult, bf16_is_fast
+from metarec_dist.retrieval.exact import ExactSearcher, SearchResult, resolved_precision
 from metarec_dist.retrieval.faiss_index import build_faiss_searcher
 from metarec_dist.retrieval.memory import check_memory, index_bytes
 
@@ -49,9 +49,7 @@ def build_searcher(items: np.ndarray | torch.Tensor, config: RetrievalConfig, pr
     num_items, width = tuple(items.shape) if len(items.shape) == 2 else (0, 0)
     needed = index_bytes(config.index, num_items, width, config.pq_m, config.pq_bits, config.hnsw_m)
     device = exact_device(config) if config.index == "exact" else "cpu"
-    if config.index == "exact" and (
-        config.precision == "bf16" or (config.precision == "auto" and bf16_is_fast(device))
-    ):
+    if config.index == "exact" and resolved_precision(config.precision, device) == "bf16":
         needed += needed // 2  # the bf16 copy
     check_memory(needed, f"a {config.index} searcher over {num_items:,} x {width} items")
     if config.index == "exact":
