@@ -34,7 +34,7 @@ METRICS = ("NDCG@10", "HR@10", "NDCG@20", "HR@20", "MRR")
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
-    parser.add_argument("--methods", nargs="+", default=["target_only", "uniform", "joint", "metarec"])
+    parser.add_argument("--methods", nargs="*", default=["target_only", "uniform", "joint", "metarec"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--method-set", action="append", default=[], help="METHOD:KEY=VALUE")

@@ -59,6 +59,15 @@ def test_domains_own_item_tables_of_their_own_width_and_only_shared_parts_are_sh
     assert set(recommender.local_names("a")) == {n for n in params if n.startswith("domains.a.")}
 
 
+def test_identity_adapters_start_the_shared_space_at_each_item_table_of_any_width():
+    recommender = model(adapter_init="identity", item_init_std=0.02)
+    for domain, width in (("a", 8), ("b", 12)):
+        table = recommender.domains[domain].embedding.weight
+        assert 0.015 < float(table[1:].std()) < 0.025
+        z = recommender.domains[domain]()
+        assert torch.allclose(z[:, :width], table) and torch.equal(z[:, width:], torch.zeros(len(z), 16 - width))
+
+
 def test_encoder_reads_only_quantized_vectors():
     recommender = model()
     tables = recommender.item_tables("a")

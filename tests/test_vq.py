@@ -124,3 +124,16 @@ def test_data_initialisation_places_every_codeword_on_a_quantized_vector():
         quantizer.train()
         quantizer(z)
         assert quantizer.health()["dead_fraction"] < 0.5
+
+
+def test_normalized_quantizer_assigns_by_direction_whatever_the_scale():
+    torch.manual_seed(6)
+    quantizer = VectorQuantizer(VQConfig(num_codebooks=2, codewords=16, normalize=True), width=8)
+    z = torch.randn(40, 8)
+    small, large = quantizer(z * 0.01), quantizer(z * 100)
+    assert torch.equal(small.codes, large.codes)
+    unit = torch.nn.functional.normalize(z, dim=-1)
+    assert torch.equal(small.codes, brute_force_codes(unit, quantizer.codebooks.detach()))
+    quantizer.initialize_from(z * 50, torch.Generator().manual_seed(0))  # seeded on the sphere too
+    for codeword in quantizer.codebooks.detach()[0]:
+        assert (unit[:, :4] - codeword).abs().sum(dim=1).min() < 1e-5

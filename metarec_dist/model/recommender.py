@@ -35,6 +35,14 @@ class ModelConfig(StrictModel):
     item_width: int = Field(64, ge=1, description="default width of a domain's own item table")
     item_widths: dict[str, int] = Field(default_factory=dict, description="per-domain item widths")
     use_vq: bool = Field(True, description="map items through the shared codebook (off: target-only ids)")
+    item_init_std: float | None = Field(
+        None, gt=0, description="std of the item tables' initial entries (unset: 1/sqrt(item width) "
+        "through an adapter, 0.02 for id tables as in SASRec)"
+    )
+    adapter_init: Literal["random", "identity"] = Field(
+        "random", description="identity: the adapter starts as the identity map (a rectangular one "
+        "where the widths differ) with zero bias, so the shared space starts as the item table"
+    )
     score_with: Literal["continuous", "quantized"] = Field(
         "continuous", description="item vectors the encoder output is scored against"
     )
@@ -53,13 +61,22 @@ def module_key(domain: str) -> str:
 class DomainItems(nn.Module):
     """One domain's item table in its own id space and width, and its adapter."""
 
-    def __init__(self, num_items: int, width: int, shared_width: int, adapter: bool, generator: torch.Generator):
+    def __init__(
+        self,
+        num_items: int,
+        width: int,
+        shared_width: int,
+        adapter: bool,
+        generator: torch.Generator,
+        init_std: float | None = None,
+        adapter_init: str = "random",
+    ):
         super().__init__()
         self.num_items = num_items
         self.embedding = nn.Embedding(num_items + 1, width, padding_idx=PAD)
         # Through an adapter, tables start at unit-scale rows (1/sqrt(width) per entry) so
         # quantization has distinct vectors to tell apart; id tables as in SASRec (0.02).
-        std = 0.02 if not adapter else 1.0 / width**0.5
+        std = init_std or (0.02 if not adapter else 1.0 / width**0.5)
         with torch.no_grad():
             self.embedding.weight.normal_(0.0, std, generator=generator)
             self.embedding.weight[PAD].zero_()
@@ -68,8 +85,12 @@ class DomainItems(nn.Module):
             self.adapter = nn.Linear(width, shared_width)
             bound = 1.0 / width**0.5  # nn.Linear's default range, drawn from this domain's stream
             with torch.no_grad():
-                self.adapter.weight.uniform_(-bound, bound, generator=generator)
-                self.adapter.bias.uniform_(-bound, bound, generator=generator)
+                if adapter_init == "identity":
+                    nn.init.eye_(self.adapter.weight)
+                    self.adapter.bias.zero_()
+                else:
+                    self.adapter.weight.uniform_(-bound, bound, generator=generator)
+                    self.adapter.bias.uniform_(-bound, bound, generator=generator)
 
     def forward(self) -> torch.Tensor:
         """Every item's vector before quantization: [N + 1, D] (row 0 is padding)."""
@@ -115,6 +136,8 @@ class SequenceRecommender(nn.Module):
                         config.width,
                         adapter=config.use_vq,
                         generator=torch.Generator().manual_seed(domain_seed_base ^ _stable_hash(name)),
+                        init_std=config.item_init_std,
+                        adapter_init=config.adapter_init,
                     )
                     for name, num_items in catalogs.items()
                 }

@@ -45,6 +45,9 @@ class VQConfig(StrictModel):
     init: Literal["random", "data"] = Field(
         "random", description="data: codewords start as samples of the items' vectors (initialize_from)"
     )
+    normalize: bool = Field(
+        False, description="quantize z / ||z||: every domain's items on the unit sphere, whatever its table's scale"
+    )
     dead_code_threshold: float = Field(
         0.0, ge=0, description="a codeword used at most this often since the last check is dead"
     )
@@ -84,6 +87,8 @@ class VectorQuantizer(nn.Module):
         """Quantize z [..., D]."""
         lead = z.shape[:-1]
         flat = z.reshape(-1, self.width)  # [n, D]
+        if self.config.normalize:
+            flat = torch.nn.functional.normalize(flat, dim=-1)
         if self.config.kind == "product":
             quantized_part = flat.reshape(-1, self.config.num_codebooks, self.code_width)  # [n, M, d]
             with torch.no_grad():
@@ -111,6 +116,8 @@ class VectorQuantizer(nn.Module):
         first step on; seeding from the vectors starts every codeword where items are.
         """
         flat = vectors.detach().reshape(-1, self.width).float()
+        if self.config.normalize:
+            flat = torch.nn.functional.normalize(flat, dim=-1)
         residual = flat
         for level in range(self.config.num_codebooks):
             if self.config.kind == "product":
