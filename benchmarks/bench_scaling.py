@@ -3,8 +3,8 @@
 Data: synthetic stores (``metarec_dist.data.synthetic``) with 2 to 256 related
 source domains of 150-400 users and 100-300 items each, and the default target
 keeping 10% of its users. Model: ``configs/quickstart.yaml`` (width 32, one
-encoder layer; the recorded table predates its 16 x 256 codebook and used 4 x
-32), without its warm-up steps, ZeRO-2 encoder engine, no checkpoints, and ``--tasks-per-step`` tasks per meta-step per worker (default
+encoder layer, 4 x 32 product codebook), ZeRO-2 encoder engine, no
+checkpoints, and ``--tasks-per-step`` tasks per meta-step per worker (default
 1: with 2 sources on 2 workers a worker owns a single source, so every
 setting runs the same work per worker).
 
@@ -76,7 +76,7 @@ def run_config(store: DomainStore, sources: list[str], workers: int, steps: int,
                model: str = "quickstart") -> RunConfig:
     return load_config(RunConfig, QUICKSTART, [
         f"data.store={store.root}", f"data.sources={sources}", f"train.steps={steps}",
-        f"train.eval_every={steps // 2}", "train.patience=10", "train.pretrain_steps=0", f"meta.tasks_per_step={tasks}",
+        f"train.eval_every={steps // 2}", "train.patience=10", f"meta.tasks_per_step={tasks}",
         f"runner.workers={workers}", "runner.checkpoint_every=0", "runner.zero_stage=2",
         f"output_dir={workdir}", *MODELS[model],
     ])

@@ -11,26 +11,16 @@ from metarec_dist.data.synthetic import SyntheticConfig, generate_store
 from metarec_dist.meta.config import RunConfig
 from metarec_dist.meta.trainer import Trainer, load_training_data
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-
-
-# The quick-start model before stop 10: a coarse 4 x 32 codebook over unit-scale item
-# rows behind random adapters, and no warm-up. Its similarity weights rank the sources
-# at every seed measured; the quick-start model of now (fine normalized codebook, small
-# tables behind identity adapters) transfers better but ranks them at seed 0 only
-# (docs/RESULTS.md), so the ranking is pinned on the earlier one.
-RANKING_MODEL = ["train.pretrain_steps=0", "model.item_init_std=null", "model.adapter_init=random",
-                 "model.vq.num_codebooks=4", "model.vq.codewords=32", "model.vq.init=random",
-                 "model.vq.normalize=false"]
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUICKSTART = CONFIGS / "quickstart.yaml"
+SYNTHETIC_TRANSFER = CONFIGS / "synthetic_transfer.yaml"
 
 
 def test_metarec_weights_related_sources_above_unrelated_and_noise_sources(tmp_path):
     store = DomainStore(tmp_path / "store")
     generate_store(SyntheticConfig(), store)
     config = load_config(RunConfig, QUICKSTART, [f"data.store={store.root}", "train.steps=150",
-                                                 "train.patience=10", f"output_dir={tmp_path / 'runs'}",
-                                                 *RANKING_MODEL])
-    assert config.model.item_init_std is None
+                                                 "train.patience=10", f"output_dir={tmp_path / 'runs'}"])
     results = Trainer(config, load_training_data(config), progress=False).run().results
     by_kind: dict[str, list[float]] = {}
     for source, summary in results["source_weights"]["final"].items():
@@ -47,7 +37,7 @@ def _test_ndcg(config: RunConfig) -> float:
 
 @pytest.mark.slow
 def test_metarec_with_its_codebook_beats_target_only_at_ten_percent(tmp_path):
-    """The quick-start MetaRec (fine normalized codebook, 300 warm-up steps) against SASRec on ids.
+    """configs/synthetic_transfer.yaml (fine normalized codebook, 300 warm-up steps) against SASRec on ids.
 
     Store: a 300-item target keeping 10% of its users, sources of 200-600
     items. Measured with one thread (reproducible runs), seeds 0-2, test
@@ -59,9 +49,9 @@ def test_metarec_with_its_codebook_beats_target_only_at_ten_percent(tmp_path):
     common = [f"data.store={store.root}", "train.threads=1", f"output_dir={tmp_path / 'runs'}"]
     gains = []
     for seed in (0, 1, 2):
-        target_only = load_config(RunConfig, QUICKSTART, [*common, f"train.seed={seed}", "method=target_only",
-                                                          "train.pretrain_steps=0"])
-        metarec = load_config(RunConfig, QUICKSTART, [*common, f"train.seed={seed}"])
+        target_only = load_config(RunConfig, SYNTHETIC_TRANSFER, [*common, f"train.seed={seed}",
+                                                                  "method=target_only", "train.pretrain_steps=0"])
+        metarec = load_config(RunConfig, SYNTHETIC_TRANSFER, [*common, f"train.seed={seed}"])
         assert metarec.model.use_vq and metarec.method == "metarec"
         gains.append(_test_ndcg(metarec) - _test_ndcg(target_only))
     assert np.mean(gains) > 0.003, gains

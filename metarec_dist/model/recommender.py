@@ -69,13 +69,14 @@ class DomainItems(nn.Module):
         adapter: bool,
         generator: torch.Generator,
         init_std: float | None = None,
-        adapter_init: str = "random",
+        adapter_init: Literal["random", "identity"] = "random",
     ):
         super().__init__()
         self.num_items = num_items
         self.embedding = nn.Embedding(num_items + 1, width, padding_idx=PAD)
-        # Through an adapter, tables start at unit-scale rows (1/sqrt(width) per entry) so
-        # quantization has distinct vectors to tell apart; id tables as in SASRec (0.02).
+        # Unless init_std says otherwise: through an adapter, tables start at unit-scale rows
+        # (1/sqrt(width) per entry) so quantization has distinct vectors to tell apart; id
+        # tables as in SASRec (0.02).
         std = init_std or (0.02 if not adapter else 1.0 / width**0.5)
         with torch.no_grad():
             self.embedding.weight.normal_(0.0, std, generator=generator)
