@@ -20,7 +20,6 @@ import logging
 import os
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 ERROR_FILE = "error.json"
-PROGRESS_INTERVAL_S = 0.5  # how often the leader sends its progress records to the driver
 
 
 @dataclass
@@ -137,14 +135,11 @@ def _fit(trainer, progress, on_progress):
     def drain() -> None:
         while not finished.is_set():
             try:
-                records = progress.get(block=True, timeout=0.5)
+                on_progress(progress.get(block=True, timeout=0.5))
             except Empty:
                 continue
-            for record in records:
-                on_progress(record)
         while not progress.empty():  # the last records, sent just before fit() returned
-            for record in progress.get_nowait():
-                on_progress(record)
+            on_progress(progress.get_nowait())
 
     reader = threading.Thread(target=drain, name="progress", daemon=True)
     reader.start()
@@ -298,23 +293,12 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     def report_validation(entry: dict[str, Any]) -> None:
         ray.train.report({"step": entry["step"], "train_loss": entry["train_loss"], **entry["valid"]})
 
-    # The leader's progress records go to the driver in batches: one queue call per
-    # PROGRESS_INTERVAL_S instead of one per step (each call blocks the leader for a round trip).
-    unsent: list[dict[str, Any]] = []
-    last_sent = time.monotonic()
-
     def after_step(step: int) -> None:
-        nonlocal last_sent
         if progress is not None and collective.rank == 0:
-            unsent.append(trainer.progress_record(step))
-            last = step == config.train.steps or trainer.loop.stopped
-            if last or time.monotonic() - last_sent >= PROGRESS_INTERVAL_S:
-                try:
-                    progress.put_nowait(list(unsent))
-                except Full:  # nobody is reading (the driver went away): progress is optional
-                    pass
-                unsent.clear()
-                last_sent = time.monotonic()
+            try:
+                progress.put_nowait(trainer.progress_record(step))
+            except Full:  # nobody is reading (the driver went away): progress is optional
+                pass
         if every and step % every == 0 and step < config.train.steps and not trainer.loop.stopped:
             with tempfile.TemporaryDirectory() as directory:
                 write_checkpoint(Path(directory), trainer, trainer.optimizer, plan)
