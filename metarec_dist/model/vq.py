@@ -86,9 +86,7 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> Quantized:
         """Quantize z [..., D]."""
         lead = z.shape[:-1]
-        flat = z.reshape(-1, self.width)  # [n, D]
-        if self.config.normalize:
-            flat = torch.nn.functional.normalize(flat, dim=-1)
+        flat = self._flat_input(z)  # [n, D]
         if self.config.kind == "product":
             quantized_part = flat.reshape(-1, self.config.num_codebooks, self.code_width)  # [n, M, d]
             with torch.no_grad():
@@ -108,6 +106,11 @@ class VectorQuantizer(nn.Module):
             loss=codebook_loss + self.config.commitment * commitment_loss,
         )
 
+    def _flat_input(self, z: torch.Tensor) -> torch.Tensor:
+        """What the codebooks quantize: z as [n, D], on the unit sphere if ``normalize``."""
+        flat = z.reshape(-1, self.width)
+        return torch.nn.functional.normalize(flat, dim=-1) if self.config.normalize else flat
+
     @torch.no_grad()
     def initialize_from(self, vectors: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Codewords := random samples of what each codebook will quantize (k-means-style seeding).
@@ -115,9 +118,7 @@ class VectorQuantizer(nn.Module):
         Random codewords far from the data leave most of them unused from the
         first step on; seeding from the vectors starts every codeword where items are.
         """
-        flat = vectors.detach().reshape(-1, self.width).float()
-        if self.config.normalize:
-            flat = torch.nn.functional.normalize(flat, dim=-1)
+        flat = self._flat_input(vectors.detach().float())
         residual = flat
         for level in range(self.config.num_codebooks):
             if self.config.kind == "product":
