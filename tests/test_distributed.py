@@ -220,10 +220,12 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_as_an_unbroken_one(
     assert recovered["test"]["NDCG@10"] == pytest.approx(unbroken["test"]["NDCG@10"], abs=1e-3)
 
 
-def test_a_frozen_worker_stops_the_run_naming_the_waiting_worker_and_step(
-    ray_cluster, synthetic_store, tmp_path, capsys
-):
-    """SIGSTOP one worker: the other's next collective times out, and the error says who waited, where."""
+def test_a_frozen_worker_stops_the_run_naming_a_worker(ray_cluster, synthetic_store, tmp_path, capsys):
+    """SIGSTOP one worker: the run stops, and the error names a worker and what Ray saw.
+
+    Two detectors race: the other worker's collective times out (the error then
+    names the meta-step), or Ray's keepalive loses the frozen actor first.
+    """
     import re
     import signal
 
@@ -244,7 +246,27 @@ def test_a_frozen_worker_stops_the_run_naming_the_waiting_worker_and_step(
     assert frozen, "no worker was frozen: the test did not exercise a stall"
     err = capsys.readouterr().err
     assert code == 2
-    assert re.search(r"worker [01] stalled at meta-step \d+: a collective waited 15 s", err), err
+    assert re.search(r"error: worker [01] (stalled at meta-step \d+: a collective waited 15 s"
+                     r"|stopped responding \(its process froze, died or ran out of memory\))", err), err
+
+
+class _RunFailed(Exception):
+    """The shape of Ray Train's TrainingFailedError that the runner reads: failures by rank."""
+
+    def __init__(self, worker_failures):
+        super().__init__("Training failed")
+        self.worker_failures = worker_failures
+
+
+def test_a_stalled_collective_is_reported_before_a_worker_ray_lost():
+    from metarec_dist.dist.runner import _user_error
+
+    lost = RuntimeError("The actor 91f5 is unavailable: RpcError: keepalive watchdog timeout")
+    stalled = RuntimeError("Traceback ...\nRuntimeError: worker 1 stalled at meta-step 37: a collective waited 15 s")
+    assert str(_user_error(_RunFailed({0: lost, 1: stalled}))).startswith("worker 1 stalled at meta-step 37")
+    only_lost = str(_user_error(_RunFailed({0: lost})))
+    assert only_lost.startswith("worker 0 stopped responding") and "keepalive watchdog timeout" in only_lost
+    assert str(_user_error(_RunFailed({1: ValueError("boom")}))) == "worker 1 failed: boom"
 
 
 def test_a_stopped_run_resumes_on_another_number_of_workers(ray_cluster, synthetic_store, tmp_path, capsys):

@@ -232,8 +232,17 @@ def _use_gpu(setting: bool | str) -> bool:
     return bool(setting)
 
 
+STALL_MARK = "stalled at meta-step"  # in the error a worker raises when a collective timed out
+
+
 def _user_error(error: Exception) -> MetarecError:
-    """A worker error the user can fix (any rank), as one line; else the first failure, naming its rank."""
+    """The most useful worker failure, as one line.
+
+    In order: an error the user can fix (any rank); a worker that waited in a
+    collective (it names the meta-step); a worker Ray lost contact with (frozen,
+    killed, out of memory); else the first failure, naming its rank. A frozen
+    worker shows up as either of the middle two, whichever Ray notices first.
+    """
     failures = sorted((getattr(error, "worker_failures", {}) or {}).items())
     for rank, failure in failures:
         cause: BaseException | None = failure
@@ -241,10 +250,26 @@ def _user_error(error: Exception) -> MetarecError:
             if isinstance(cause, MetarecError):
                 return type(cause)(str(cause))
             cause = getattr(cause, "cause", None) or cause.__cause__
-    for rank, failure in failures:
-        lines = str(failure).strip().splitlines()
-        return TrainingError(f"worker {rank} failed: {lines[-1] if lines else type(failure).__name__}")
+    last_lines = {rank: (str(failure).strip().splitlines() or [type(failure).__name__])[-1]
+                  for rank, failure in failures}
+    for rank, line in last_lines.items():
+        if STALL_MARK in line:  # "RuntimeError: worker 1 stalled at ...": keep our sentence
+            return TrainingError(line[line.find(f"worker {rank} "):])
+    for rank, line in last_lines.items():
+        if _lost_contact(line):
+            return TrainingError(
+                f"worker {rank} stopped responding (its process froze, died or ran out of memory); "
+                f"Ray said: {line}"
+            )
+    for rank, line in last_lines.items():
+        return TrainingError(f"worker {rank} failed: {line}")
     return TrainingError(f"the Ray Train run failed: {str(error).strip().splitlines()[0]}")
+
+
+def _lost_contact(line: str) -> bool:
+    """Whether a Ray error line says the worker's actor is gone or unreachable."""
+    marks = ("ActorUnavailableError", "ActorDiedError", "is unavailable", "actor died", "actor is dead")
+    return any(mark in line for mark in marks)
 
 
 # --- worker side ------------------------------------------------------------------------
@@ -317,7 +342,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             raise
         # A collective another worker never reached: say who waited, and where.
         raise RuntimeError(
-            f"worker {collective.rank} stalled at meta-step {trainer.loop.step + 1}: a collective waited "
+            f"worker {collective.rank} {STALL_MARK} {trainer.loop.step + 1}: a collective waited "
             f"{config.runner.collective_timeout_s} s for a worker that never reached it "
             f"({str(error).strip().splitlines()[0]})"
         ) from None
