@@ -27,6 +27,8 @@ LEARNING_RATE = 0.01
 def ray_cluster():
     """One local Ray cluster for the module (starting one costs seconds)."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # Tearing down a group with a frozen worker waits this long for its process group (30 s by default).
+    os.environ.setdefault("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "5")
     import ray
     import ray.cloudpickle
 
