@@ -137,3 +137,11 @@ def test_normalized_quantizer_assigns_by_direction_whatever_the_scale():
     quantizer.initialize_from(z * 50, torch.Generator().manual_seed(0))  # seeded on the sphere too
     for codeword in quantizer.codebooks.detach()[0]:
         assert (unit[:, :4] - codeword).abs().sum(dim=1).min() < 1e-5
+
+
+def test_nearest_codewords_in_chunks_equal_the_whole_search():
+    torch.manual_seed(4)
+    sub, books = torch.randn(50, 3, 4), torch.randn(3, 10, 4)
+    whole = brute_force_codes(sub.reshape(50, 12), books)
+    for rows in (1, 7, 50, 512):  # chunk edges inside, at and past the end
+        assert torch.equal(nearest_codewords(sub, books, rows=rows), whole)

@@ -60,14 +60,19 @@ class Quantized:
     loss: torch.Tensor  # scalar: codebook loss + commitment * commitment loss
 
 
-def nearest_codewords(sub_vectors: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+def nearest_codewords(sub_vectors: torch.Tensor, codebooks: torch.Tensor, rows: int = 512) -> torch.Tensor:
     """Index of the L2-nearest codeword: sub_vectors [n, M, d], codebooks [M, K, d] -> [n, M].
 
     ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is the same for every c, so it is dropped.
+    Computed ``rows`` vectors at a time, one matrix multiply per codebook: the [rows, K]
+    distances stay in cache instead of an [n, M, K] tensor going through memory (4x
+    faster for an 18k-item catalog and 16 x 256 codewords, benchmarks in docs/BENCHMARKS.md).
     """
-    cross = torch.einsum("nmd,mkd->nmk", sub_vectors, codebooks)  # [n, M, K]
-    distances = codebooks.pow(2).sum(-1).unsqueeze(0) - 2 * cross
-    return distances.argmin(dim=-1)
+    by_book = sub_vectors.transpose(0, 1)  # [M, n, d]
+    norms = codebooks.pow(2).sum(-1).unsqueeze(1)  # [M, 1, K]
+    codes = [torch.baddbmm(norms, part, codebooks.transpose(1, 2), alpha=-2).argmin(dim=-1)  # [M, rows]
+             for part in by_book.split(rows, dim=1)]
+    return torch.cat(codes, dim=1).t()
 
 
 class VectorQuantizer(nn.Module):
