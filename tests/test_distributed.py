@@ -64,8 +64,8 @@ def run_config(zero_stage):
                      runner={"zero_stage": zero_stage})
 
 
-def run_meta_steps(model, tasks, collective, optimizer, steps=3):
-    logs = [meta_step(model, optimizer, "t", tasks, META, collective=collective) for _ in range(steps)]
+def run_meta_steps(model, tasks, collective, optimizer, meta, steps=3):
+    logs = [meta_step(model, optimizer, "t", tasks, meta, collective=collective) for _ in range(steps)]
     return logs, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
@@ -78,7 +78,8 @@ def meta_step_worker(loop_config):
     own = [s for s in SOURCES if OWNER[s] == collective.rank]
     model = tiny_model({"t": CATALOGS["t"], **{s: CATALOGS[s] for s in own}})
     optimizer = WorkerOptimizer(model, [], run_config(loop_config["zero_stage"]), "t", collective)
-    logs, parameters = run_meta_steps(model, [task(s) for s in own], collective, optimizer)
+    meta = META.model_copy(update={"center": loop_config["center"]})
+    logs, parameters = run_meta_steps(model, [task(s) for s in own], collective, optimizer, meta)
     torch.save(
         {
             "parameters": parameters,
@@ -90,8 +91,8 @@ def meta_step_worker(loop_config):
     )
 
 
-@pytest.mark.parametrize("zero_stage", [None, 0, 2])
-def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tmp_path, zero_stage):
+@pytest.mark.parametrize(("zero_stage", "center"), [(None, False), (0, False), (2, True)])
+def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tmp_path, zero_stage, center):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -101,12 +102,13 @@ def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tm
     order = [s for rank in (0, 1) for s in SOURCES if OWNER[s] == rank]
     model = tiny_model(CATALOGS)
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    logs, expected = run_meta_steps(model, [task(s) for s in order], LOCAL, optimizer)
+    meta = META.model_copy(update={"center": center})  # centering: adaptations summed over workers
+    logs, expected = run_meta_steps(model, [task(s) for s in order], LOCAL, optimizer, meta)
     expected_weights = [dict(zip(log.sources, log.weights)) for log in logs]
 
     TorchTrainer(
         meta_step_worker,
-        train_loop_config={"out": str(tmp_path), "zero_stage": zero_stage},
+        train_loop_config={"out": str(tmp_path), "zero_stage": zero_stage, "center": center},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
         torch_config=TorchConfig(backend="gloo", timeout_s=120),
         run_config=RunConfig(storage_path=str(tmp_path / "ray")),

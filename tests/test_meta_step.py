@@ -5,8 +5,10 @@ import torch
 
 from conftest import random_batch
 from metarec_dist.meta.step import (
+    LOCAL,
     MetaConfig,
     TaskBatch,
+    centered,
     combine,
     initial_inner_lrs,
     meta_step,
@@ -148,6 +150,22 @@ def test_high_temperature_and_uniform_weighting_give_equal_weights():
     hot = task_weights(sims, MetaConfig(temperature=1e9))
     assert torch.allclose(hot, torch.full((3,), 1 / 3, dtype=torch.float64))
     assert torch.equal(task_weights(sims, MetaConfig(weighting="uniform")), torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+def test_centering_removes_what_every_task_adapts_alike():
+    """A large shared direction hides which task helps; centering compares what differs."""
+    g = {"w": torch.tensor([0.0, 1.0, 0.0])}  # the target descends along -y
+    common = torch.tensor([10.0, 0.0, 0.0])  # every source moves theta along x, which the target ignores
+    helpful = {"w": common + torch.tensor([0.0, -1.0, 0.0])}
+    useless = {"w": common + torch.tensor([0.0, 0.0, 1.0])}
+    harmful = {"w": common + torch.tensor([0.0, 1.0, 0.0])}
+    tasks = [helpful, useless, harmful]
+    plain = [task_similarity(a, g, MetaConfig()) for a in tasks]
+    assert max(plain) - min(plain) < 0.2  # all near 0: the shared x dominates every cosine
+    centred = centered(tasks, LOCAL)
+    assert torch.allclose(sum(a["w"] for a in centred), torch.zeros(3), atol=1e-6)
+    similarities = [task_similarity(a, g, MetaConfig()) for a in centred]
+    assert similarities[0] > 0.5 > similarities[1] > -0.5 > similarities[2]
 
 
 def test_per_tensor_cosine_averages_over_tensors():

@@ -54,6 +54,9 @@ class MetaConfig(StrictModel):
         "descent", description="descent: cos(phi - theta, -g); gradient: cos(phi - theta, g)"
     )
     temperature: float = Field(1.0, gt=0, description="softmax temperature over similarities")
+    center: bool = Field(
+        False, description="compare each task's adaptation less the mean adaptation of the step's tasks"
+    )
     weighting: Literal["similarity", "uniform"] = "similarity"
     source_gradient_weight: float = Field(
         0.0, ge=0, description="also apply each source's mean support gradient, weighted like its meta-gradient"
@@ -185,6 +188,16 @@ def task_similarity(adaptation: Params, meta_gradient: Params, config: MetaConfi
     return float(torch.stack([_cosine(adaptation[name], sign * meta_gradient[name]) for name in names]).mean())
 
 
+def centered(adaptations: list[Params], collective: Collective) -> list[Params]:
+    """Each adaptation less the mean over every process's tasks of the step (one all-reduce)."""
+    names = sorted(adaptations[0])
+    sums = [torch.stack([a[name] for a in adaptations]).sum(0) for name in names]
+    count = torch.tensor([float(len(adaptations))])
+    collective.all_reduce_sum_([*sums, count])
+    mean = {name: total / count for name, total in zip(names, sums)}
+    return [{name: a[name] - mean[name] for name in names} for a in adaptations]
+
+
 def task_weights(similarities: torch.Tensor, config: MetaConfig) -> torch.Tensor:
     """w = softmax(s / temperature), or 1/T each for the uniform ablation."""
     similarities = torch.as_tensor(similarities, dtype=torch.float64)
@@ -300,9 +313,12 @@ def meta_step(
     if not tasks:
         raise ValueError("a meta-step needs at least one task in every process")
     results = [run_task(model, target, task, config, inner_lrs) for task in tasks]
+    compared = [r.adaptation for r in results]
+    if config.center:
+        compared = centered(compared, collective)
     local = [
-        (r.source, task_similarity(r.adaptation, r.meta_gradient, config), r.query_loss, r.support_loss)
-        for r in results
+        (r.source, task_similarity(a, r.meta_gradient, config), r.query_loss, r.support_loss)
+        for r, a in zip(results, compared)
     ]
     gathered = collective.all_gather_object(local)  # [rank][task] -> (source, s_i, query, support)
     everyone = [row for rows in gathered for row in rows]
