@@ -192,7 +192,7 @@ def centered(adaptations: list[Params], collective: Collective) -> list[Params]:
     """Each adaptation less the mean over every process's tasks of the step (one all-reduce)."""
     names = sorted(adaptations[0])
     sums = [torch.stack([a[name] for a in adaptations]).sum(0) for name in names]
-    count = torch.tensor([float(len(adaptations))])
+    count = sums[0].new_tensor([float(len(adaptations))])  # on the tensors' device, for NCCL
     collective.all_reduce_sum_([*sums, count])
     mean = {name: total / count for name, total in zip(names, sums)}
     return [{name: a[name] - mean[name] for name in names} for a in adaptations]
