@@ -132,6 +132,53 @@ def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tm
     assert max(expected_weights[0].values()) - min(expected_weights[0].values()) > 1e-3
 
 
+def deepspeed_group_worker(loop_config):
+    """Rank 0 all-reduces on DeepSpeed's data-parallel group; rank 1 never joins."""
+    import time
+
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    from metarec_dist.dist.collective import TorchCollective
+    from metarec_dist.dist.optimizer import WorkerOptimizer
+
+    collective = TorchCollective()
+    own = [s for s in SOURCES if OWNER[s] == collective.rank]
+    model = tiny_model({"t": CATALOGS["t"], **{s: CATALOGS[s] for s in own}})
+    config = RunConfig(data={"target": "t", "sources": SOURCES},
+                       runner={"zero_stage": 2, "collective_timeout_s": 10})
+    WorkerOptimizer(model, [], config, "t", collective)  # builds the DeepSpeed engine
+    if collective.rank == 1:
+        time.sleep(25)  # past rank 0's 10 s timeout, well short of torch's 30 minutes
+        return
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=groups._get_data_parallel_group())
+        outcome = "completed"
+    except RuntimeError:
+        outcome = "timed out"
+    Path(loop_config["out"], "outcome.json").write_text(
+        json.dumps({"outcome": outcome, "seconds": time.monotonic() - start}))
+
+
+def test_deepspeed_collectives_time_out_after_the_runs_collective_timeout(ray_cluster, tmp_path):
+    """DeepSpeed's own copy of the world group would wait torch's default 30 minutes."""
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    TorchTrainer(
+        deepspeed_group_worker,
+        train_loop_config={"out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        torch_config=TorchConfig(backend="gloo", timeout_s=120),
+        run_config=RayRunConfig(storage_path=str(tmp_path / "ray")),
+    ).fit()
+    result = json.loads((tmp_path / "outcome.json").read_text())
+    assert result["outcome"] == "timed out"
+    assert 9 < result["seconds"] < 25, result
+
+
 def test_train_command_runs_on_two_workers_and_writes_results(ray_cluster, synthetic_store, tmp_path, capsys):
     from metarec_dist.cli import main
     config = write_config(tmp_path, synthetic_store, runner={"workers": 2}, **{"train.tensorboard": True})

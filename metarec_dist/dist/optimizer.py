@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +343,7 @@ def _deepspeed_engine(encoder: torch.nn.Module, config: RunConfig):
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    _world_group_for_deepspeed(config.runner.collective_timeout_s)
     ds_config = deepspeed_config(config)
     try:
         engine, _, _, _ = deepspeed.initialize(
@@ -352,6 +354,23 @@ def _deepspeed_engine(encoder: torch.nn.Module, config: RunConfig):
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"runner.deepspeed_config: DeepSpeed rejected {where} for this model ({first})") from None
     return engine
+
+
+def _world_group_for_deepspeed(timeout_s: int) -> None:
+    """Give DeepSpeed its copy of the world group, with the run's collective timeout.
+
+    DeepSpeed clones the world group with ``new_group`` and no timeout, i.e.
+    torch's 30 minutes: a frozen worker would hang the other inside the ZeRO
+    step for that long (measured: a 2-worker run still waiting after 7
+    minutes). DeepSpeed 0.19 keeps the clone in ``groups._WORLD_GROUP`` and
+    only makes one when it is None.
+    """
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if getattr(groups, "_WORLD_GROUP", None) is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())),
+                                             timeout=timedelta(seconds=timeout_s))
 
 
 # Keys that would change what one meta-step's update is (or its checkpointed state).

@@ -84,6 +84,9 @@ def train_distributed(
 
     runner = config.runner
     use_gpu = _use_gpu(runner.use_gpu)
+    # Ray Train's own barriers (every ray.train.report) wait forever by default: a worker frozen
+    # at a report would hang the run. The trainer hands this variable on to its controller.
+    os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = str(runner.collective_timeout_s)
     # The queue is a tiny actor: it takes no CPU from the workers' reservation.
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0}) if on_progress is not None else None
     trainer = TorchTrainer(
@@ -337,7 +340,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         # the last good checkpoint stays in storage.
         _report_final(collective.rank, {ERROR_FILE: json.dumps({"error": str(error)}).encode()})
         return
-    except RuntimeError as error:
+    except Exception as error:  # gloo's RuntimeError, or Ray Train's CollectiveTimeoutError at a report
         if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
             raise
         # A collective another worker never reached: say who waited, and where.

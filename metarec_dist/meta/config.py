@@ -50,8 +50,8 @@ class RunnerConfig(StrictModel):
         "on a multi-node cluster, storage every node can see"
     )
     collective_timeout_s: int = Field(
-        300, ge=10, description="a collective one worker never reaches fails after this; keep it above the "
-        "time of one validation pass (workers evaluate their users, then gather)"
+        300, ge=10, description="a collective (torch's, or Ray Train's barrier at each report) one worker "
+        "never reaches fails after this; keep it above the time of one validation pass or checkpoint write"
     )
     checkpoint_every: int = Field(50, ge=0, description="checkpoint every this many meta-steps (0: never)")
     max_failures: int = Field(2, ge=0, description="worker failures to recover from, each from the last checkpoint")
