@@ -13,11 +13,10 @@ check that both give the same codes. One thread, as a worker has.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from bench_eval_beauty import timed  # this directory is on sys.path when run as a script
 
 from metarec_dist.machine import machine_description
 from metarec_dist.model.vq import nearest_codewords
@@ -32,16 +31,6 @@ def dense_search(sub_vectors: torch.Tensor, codebooks: torch.Tensor) -> torch.Te
     """The baseline: every distance at once."""
     cross = torch.einsum("nmd,mkd->nmk", sub_vectors, codebooks)
     return (codebooks.pow(2).sum(-1).unsqueeze(0) - 2 * cross).argmin(dim=-1)
-
-
-def median_seconds(function, repeats: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -59,8 +48,8 @@ def main() -> None:
         sub = sub.reshape(items, books, width // books)
         codebooks = torch.randn(books, codewords, width // books, generator=generator) * 0.1
         same = bool(torch.equal(dense_search(sub, codebooks), nearest_codewords(sub, codebooks)))
-        dense = median_seconds(lambda: dense_search(sub, codebooks), args.repeats)
-        chunked = median_seconds(lambda: nearest_codewords(sub, codebooks), args.repeats)
+        dense, _ = timed(lambda: dense_search(sub, codebooks), args.repeats)
+        chunked, _ = timed(lambda: nearest_codewords(sub, codebooks), args.repeats)
         rows.append({"items": items, "codebook": f"{books} x {codewords}", "dense_s": dense,
                      "chunked_s": chunked, "speedup": dense / chunked, "same_codes": same})
     print(format_table(rows, ["items", "codebook", "dense_s", "chunked_s", "speedup", "same_codes"]))

@@ -59,9 +59,18 @@ def task(source):
     return TaskBatch(source, support=fixed_batch(CATALOGS[source], 10 + index), query=fixed_batch(12, 20 + index))
 
 
-def run_config(zero_stage):
+def run_config(zero_stage, **runner):
     return RunConfig(data={"target": "t", "sources": SOURCES}, train={"learning_rate": LEARNING_RATE},
-                     runner={"zero_stage": zero_stage})
+                     runner={"zero_stage": zero_stage, **runner})
+
+
+def worker_with_own_sources():
+    """In a Ray Train worker: its collective, its own sources and a model holding only those."""
+    from metarec_dist.dist.collective import TorchCollective
+
+    collective = TorchCollective()
+    own = [s for s in SOURCES if OWNER[s] == collective.rank]
+    return collective, own, tiny_model({"t": CATALOGS["t"], **{s: CATALOGS[s] for s in own}})
 
 
 def run_meta_steps(model, tasks, collective, optimizer, meta, steps=3):
@@ -71,12 +80,9 @@ def run_meta_steps(model, tasks, collective, optimizer, meta, steps=3):
 
 def meta_step_worker(loop_config):
     """A Ray Train worker: its own sources only, the torch.distributed collective, the worker optimizer."""
-    from metarec_dist.dist.collective import TorchCollective
     from metarec_dist.dist.optimizer import WorkerOptimizer
 
-    collective = TorchCollective()
-    own = [s for s in SOURCES if OWNER[s] == collective.rank]
-    model = tiny_model({"t": CATALOGS["t"], **{s: CATALOGS[s] for s in own}})
+    collective, own, model = worker_with_own_sources()
     optimizer = WorkerOptimizer(model, [], run_config(loop_config["zero_stage"]), "t", collective)
     meta = META.model_copy(update={"center": loop_config["center"]})
     logs, parameters = run_meta_steps(model, [task(s) for s in own], collective, optimizer, meta)
@@ -139,15 +145,10 @@ def deepspeed_group_worker(loop_config):
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    from metarec_dist.dist.collective import TorchCollective
     from metarec_dist.dist.optimizer import WorkerOptimizer
 
-    collective = TorchCollective()
-    own = [s for s in SOURCES if OWNER[s] == collective.rank]
-    model = tiny_model({"t": CATALOGS["t"], **{s: CATALOGS[s] for s in own}})
-    config = RunConfig(data={"target": "t", "sources": SOURCES},
-                       runner={"zero_stage": 2, "collective_timeout_s": 10})
-    WorkerOptimizer(model, [], config, "t", collective)  # builds the DeepSpeed engine
+    collective, _, model = worker_with_own_sources()
+    WorkerOptimizer(model, [], run_config(2, collective_timeout_s=10), "t", collective)  # builds the engine
     if collective.rank == 1:
         time.sleep(25)  # past rank 0's 10 s timeout, well short of torch's 30 minutes
         return

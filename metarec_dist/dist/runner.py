@@ -264,7 +264,8 @@ def _user_error(error: Exception) -> MetarecError:
                 f"worker {rank} stopped responding (its process froze, died or ran out of memory); "
                 f"Ray said: {line}"
             )
-    for rank, line in last_lines.items():
+    if last_lines:
+        rank, line = next(iter(last_lines.items()))
         return TrainingError(f"worker {rank} failed: {line}")
     return TrainingError(f"the Ray Train run failed: {str(error).strip().splitlines()[0]}")
 
