@@ -1,10 +1,17 @@
-"""Training-step and evaluation speed, fp32 against bf16, side by side in one run.
+"""Training-step and validation-pass speed: what each speed-up of the step buys, side by side.
 
 Data: a domain from the store (default Beauty, imported from ../shared/data).
-For each precision: build the trainer from the config, warm up, then time
-``--steps`` target training steps (median of ``--repeats`` blocks) and a full
-validation pass (every user, full catalog). Prints a table with the bf16/fp32
-ratio and writes JSON with the machine.
+Settings, each in its own process (the allocator setting is process-wide):
+- ``baseline``: every batch encoded in one piece, glibc's default allocator
+  (the code before stop 12);
+- ``grouped``: rows encoded in groups by length (``model.encoder.group_cost``);
+- ``grouped + kept memory``: and freed memory kept in the process
+  (``metarec_dist.allocator``), as ``metarec-dist`` runs;
+- the last one again in bf16.
+Each process builds the trainer, warms up, then times ``--steps`` target
+training steps and one full validation pass (every user, full catalog). The
+settings take turns, ``--repeats`` rounds, so machine noise hits them alike;
+the table gives medians and the ratio to the baseline.
 
     python benchmarks/bench_train_step.py configs/beauty_target_only.yaml --set data.store=store
 """
@@ -12,63 +19,95 @@ ratio and writes JSON with the machine.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from metarec_dist.machine import machine_description
-from metarec_dist.config import load_config
-from metarec_dist.meta.config import RunConfig
-from metarec_dist.meta.trainer import Trainer, load_training_data
 from metarec_dist.report.run_directory import write_json
 from metarec_dist.report.tables import format_table
+
+ONE_GROUP = 10**9  # group_cost so large that a batch is never split
+
+SETTINGS = [
+    {"name": "baseline", "precision": "fp32", "group_cost": ONE_GROUP, "keep_freed_memory": False},
+    {"name": "grouped", "precision": "fp32", "group_cost": None, "keep_freed_memory": False},
+    {"name": "grouped + kept memory", "precision": "fp32", "group_cost": None, "keep_freed_memory": True},
+    {"name": "grouped + kept memory, bf16", "precision": "bf16", "group_cost": None, "keep_freed_memory": True},
+]
+
+
+def measure(config_path: Path, overrides: list[str], setting: dict, steps: int) -> dict:
+    """One setting, in this process: mean time of `steps` training steps, and one validation pass."""
+    from metarec_dist.allocator import keep_freed_memory
+    from metarec_dist.config import load_config
+    from metarec_dist.meta.config import RunConfig
+    from metarec_dist.meta.trainer import Trainer, load_training_data
+
+    if setting["keep_freed_memory"]:
+        keep_freed_memory()
+    overrides = [*overrides, f"model.precision={setting['precision']}"]
+    if setting["group_cost"] is not None:
+        overrides.append(f"model.encoder.group_cost={setting['group_cost']}")
+    config = load_config(RunConfig, config_path, overrides)
+    trainer = Trainer(config, load_training_data(config), progress=False)
+    for step in range(5):  # warm-up: allocator, kernels
+        trainer._target_step(step)
+    started = time.perf_counter()
+    for step in range(steps):
+        trainer._target_step(step)
+    step_seconds = (time.perf_counter() - started) / steps
+    trainer.evaluate("valid")  # warm-up
+    started = time.perf_counter()
+    trainer.evaluate("valid")
+    return {"step_ms": 1000 * step_seconds, "eval_s": time.perf_counter() - started}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per process")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the settings")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/train_step.json"))
+    parser.add_argument("--setting", type=int, help=argparse.SUPPRESS)  # internal: measure one setting
     args = parser.parse_args()
+
+    if args.setting is not None:
+        print(json.dumps(measure(args.config, args.overrides, SETTINGS[args.setting], args.steps)))
+        return
 
     machine = machine_description(torch=torch.__version__, threads=str(torch.get_num_threads()))
     print(f"machine: {machine}")
+    runs: list[list[dict]] = [[] for _ in SETTINGS]
+    for round_number in range(args.repeats):
+        for index, setting in enumerate(SETTINGS):
+            command = [sys.executable, __file__, str(args.config), "--steps", str(args.steps),
+                       "--setting", str(index), *(f"--set={o}" for o in args.overrides)]
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            runs[index].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(f"round {round_number + 1}: {setting['name']}: {runs[index][-1]}", flush=True)
+
     rows = []
-    for precision in ("fp32", "bf16"):
-        config = load_config(RunConfig, args.config, [*args.overrides, f"model.precision={precision}"])
-        trainer = Trainer(config, load_training_data(config), progress=False)
-        for step in range(5):  # warm-up: allocator, kernels
-            trainer._target_step(step)
-        blocks = []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            for step in range(args.steps):
-                trainer._target_step(step)
-            blocks.append((time.perf_counter() - started) / args.steps)
-        trainer.evaluate("valid")  # warm-up
-        evals = []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            trainer.evaluate("valid")
-            evals.append(time.perf_counter() - started)
-        rows.append({"precision": precision, "step_ms": 1000 * statistics.median(blocks),
-                     "eval_s": statistics.median(evals), "step_blocks_ms": [1000 * b for b in blocks],
-                     "eval_runs_s": evals})
-    fp32, bf16 = rows
+    for setting, measured in zip(SETTINGS, runs):
+        rows.append({**setting, "step_ms": statistics.median(r["step_ms"] for r in measured),
+                     "eval_s": statistics.median(r["eval_s"] for r in measured), "runs": measured})
+    baseline = rows[0]
     print(format_table(
-        [{"precision": r["precision"], "step ms (median)": round(r["step_ms"], 1),
-          "validation pass s (median)": round(r["eval_s"], 2)} for r in rows],
-        ["precision", "step ms (median)", "validation pass s (median)"],
+        [{"setting": r["name"], "step ms (median)": round(r["step_ms"], 1),
+          "step vs baseline": round(r["step_ms"] / baseline["step_ms"], 2),
+          "validation pass s (median)": round(r["eval_s"], 2),
+          "validation vs baseline": round(r["eval_s"] / baseline["eval_s"], 2)} for r in rows],
+        ["setting", "step ms (median)", "step vs baseline", "validation pass s (median)", "validation vs baseline"],
     ))
-    print(f"bf16 / fp32 step time: {bf16['step_ms'] / fp32['step_ms']:.2f}; "
-          f"validation: {bf16['eval_s'] / fp32['eval_s']:.2f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.output, {"machine": machine, "config": str(args.config), "overrides": args.overrides,
-                             "steps_per_block": args.steps, "results": rows})
+                             "steps_per_process": args.steps, "results": rows})
     print(f"wrote {args.output}")
 
 

@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from metarec_dist.allocator import keep_freed_memory
 from metarec_dist.errors import ConfigError, MetarecError
 
 DEFAULT_STORE = Path("store")
@@ -394,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[terminal], force=True)
     command = COMMANDS[(args.command, getattr(args, f"{args.command}_command", None))]
+    keep_freed_memory()  # every command allocates the same large tensors again and again
     try:
         command(args)
     except MetarecError as error:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from metarec_dist.model.encoder import EncoderConfig, SequenceEncoder
+from metarec_dist.model.encoder import EncoderConfig, SequenceEncoder, length_groups
 from metarec_dist.model.recommender import ModelConfig, SequenceRecommender
 
 TINY = EncoderConfig(layers=2, heads=2, max_length=6, dropout=0.0)
@@ -101,3 +101,25 @@ def test_training_reduces_the_loss(overrides):
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.5 * first
+
+
+def test_length_groups_cover_every_row_once_and_split_only_when_it_saves_work():
+    lengths = [3, 50, 2, 4, 3, 49, 2]
+    groups = length_groups(lengths, group_cost=10)
+    assert sorted(row for rows in groups for row in rows) == list(range(len(lengths)))
+    assert [sorted(rows) for rows in groups] == [[0, 2, 3, 4, 6], [1, 5]]  # 5x4 + 2x50 + 2 groups
+    assert length_groups(lengths, group_cost=10**6) == [sorted(range(7), key=lengths.__getitem__)]
+    assert len(length_groups(lengths, group_cost=0)) == len(set(lengths))
+
+
+def test_grouping_rows_by_length_does_not_change_their_states():
+    torch.manual_seed(2)
+    config = TINY.model_copy(update={"group_cost": 0})
+    grouped = SequenceEncoder(8, config).eval()
+    whole = SequenceEncoder(8, config.model_copy(update={"group_cost": 10**6})).eval()
+    whole.load_state_dict(grouped.state_dict())
+    x = torch.randn(4, 6, 8)
+    padding = torch.tensor([[True] * 5 + [False], [False] * 6, [True] * 3 + [False] * 3, [True] * 4 + [False] * 2])
+    assert len(length_groups((~padding).sum(1).tolist(), 0)) == 4
+    real = ~padding
+    assert torch.allclose(grouped(x, padding)[real], whole(x, padding)[real], atol=1e-6)

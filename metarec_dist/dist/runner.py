@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from metarec_dist.allocator import keep_freed_memory
 from metarec_dist.data.store import DomainStore
 from metarec_dist.dist.optimizer import deepspeed_config
 from metarec_dist.dist.plan import DomainPlan, plan_domains
@@ -296,6 +297,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     progress = loop_config.get("progress")  # a ray.util.queue.Queue to the driver, or None
     collective = TorchCollective()
     torch.set_num_threads(config.runner.cpus_per_worker)
+    keep_freed_memory()  # a worker is its own process: the driver's setting does not reach it
 
     try:
         # Build: the target and this worker's own sources, nothing else.
