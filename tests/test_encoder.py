@@ -123,3 +123,4 @@ def test_grouping_rows_by_length_does_not_change_their_states():
     assert len(length_groups((~padding).sum(1).tolist(), 0)) == 4
     real = ~padding
     assert torch.allclose(grouped(x, padding)[real], whole(x, padding)[real], atol=1e-6)
+    assert grouped(x[:0], padding[:0]).shape == (0, 6, 8)

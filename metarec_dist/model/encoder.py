@@ -159,6 +159,8 @@ class SequenceEncoder(nn.Module):
             raise ValueError(f"sequence length {length} exceeds encoder max_length {self.config.max_length}")
         lengths = (~padding).sum(dim=1).clamp(min=1).tolist()
         groups = length_groups(lengths, self.config.group_cost)
+        if not groups:  # an empty batch
+            return self._encode(item_vectors, padding)
         pieces = []
         for rows in groups:
             cut = max(lengths[row] for row in rows)
