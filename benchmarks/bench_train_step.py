@@ -89,7 +89,9 @@ def main() -> None:
         for index, setting in enumerate(SETTINGS):
             command = [sys.executable, __file__, str(args.config), "--steps", str(args.steps),
                        "--setting", str(index), *(f"--set={o}" for o in args.overrides)]
-            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"{setting['name']} failed:\n{result.stderr[-3000:]}")
             runs[index].append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(f"round {round_number + 1}: {setting['name']}: {runs[index][-1]}", flush=True)
 

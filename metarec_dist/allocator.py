@@ -7,22 +7,32 @@ Beauty allocates several ~70 MB ``[positions, items]`` tensors and spent about
 40% of its time on those page faults (docs/BENCHMARKS.md). A GPU framework's
 caching allocator avoids this; on the CPU, turning off glibc's ``mmap`` and
 its trimming does the same. The cost: the resident size stays at its peak.
+
+Two ways in, for two kinds of process:
+- ``keep_freed_memory()``, for this process (the CLI), where training runs in
+  the main thread;
+- ``freed_memory_environment()``, for processes not started yet (Ray workers):
+  Ray Train runs the training loop in a thread, and a thread's own malloc
+  arena serves anything over 64 MB with ``mmap`` whatever ``mallopt`` says,
+  so those processes need one arena, which only start-up settings give.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
 _M_MMAP_MAX = -4
 _LARGEST_INT = 2**31 - 1
+_TUNABLES = f"glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={_LARGEST_INT}"
 
 logger = logging.getLogger(__name__)
 
 
 def keep_freed_memory() -> bool:
-    """Make this process reuse freed memory; False where the C library is not glibc."""
+    """Make this process's main thread reuse freed memory; False where the C library is not glibc."""
     try:
         libc = ctypes.CDLL(None)  # the symbols this process already has, its C library's among them
     except (OSError, TypeError):  # TypeError: Windows
@@ -32,3 +42,12 @@ def keep_freed_memory() -> bool:
         return False
     # mallopt returns 1 on success.
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _LARGEST_INT))
+
+
+def freed_memory_environment() -> dict[str, str]:
+    """Environment variables that make a new process keep freed memory in all its threads.
+
+    Empty when the user set ``GLIBC_TUNABLES`` already: theirs win. Other C
+    libraries ignore the variable.
+    """
+    return {} if "GLIBC_TUNABLES" in os.environ else {"GLIBC_TUNABLES": _TUNABLES}

@@ -24,7 +24,7 @@ def test_outputs_do_not_see_the_future():
 
 def test_left_padding_does_not_change_the_latest_state():
     torch.manual_seed(1)
-    encoder = SequenceEncoder(8, TINY).eval()
+    encoder = SequenceEncoder(8, TINY.model_copy(update={"group_cost": 10**9})).eval()  # padding kept
     x = torch.randn(1, 3, 8)
     short = encoder(x, torch.zeros(1, 3, dtype=torch.bool))[0, -1]
     padded_x = torch.cat([torch.randn(1, 3, 8), x], dim=1)  # garbage in the padded slots
@@ -124,3 +124,23 @@ def test_grouping_rows_by_length_does_not_change_their_states():
     real = ~padding
     assert torch.allclose(grouped(x, padding)[real], whole(x, padding)[real], atol=1e-6)
     assert grouped(x[:0], padding[:0]).shape == (0, 6, 8)
+    assert grouped(x[:, :0], padding[:, :0]).shape == (4, 0, 8)
+
+
+def test_grouping_does_not_change_the_loss_or_its_gradients():
+    losses, gradients = [], []
+    for group_cost in (0, 10**9):
+        torch.manual_seed(3)
+        config = ModelConfig(width=16, item_width=8, vq={"num_codebooks": 2, "codewords": 8},
+                             encoder=TINY.model_copy(update={"group_cost": group_cost}))
+        recommender = SequenceRecommender(config, {"t": 20})
+        inputs = torch.tensor([[0, 0, 0, 0, 3, 4], [1, 2, 3, 4, 5, 6], [0, 0, 0, 7, 8, 9]])
+        targets = torch.tensor([[0, 0, 0, 0, 4, 5], [2, 3, 4, 5, 6, 7], [0, 0, 0, 8, 9, 10]])
+        loss = recommender("t", inputs, targets).loss
+        losses.append(loss)
+        gradients.append(torch.autograd.grad(loss, list(recommender.parameters()), allow_unused=True))
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    for grouped, whole in zip(*gradients):
+        assert (grouped is None) == (whole is None)
+        if grouped is not None:
+            assert torch.allclose(grouped, whole, atol=1e-6)

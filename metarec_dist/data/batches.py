@@ -36,8 +36,8 @@ def next_item_batch(view: SequenceView, rows: np.ndarray, length: int) -> NextIt
     """Training pairs from each row's last ``length + 1`` items (inputs shifted by one).
 
     Columns that are padding in every row are cut off (the batch is only as long
-    as its longest sequence), which saves most of the encoder's work on short
-    sequences; positions count from the right, so nothing else changes.
+    as its longest sequence; the encoder also groups rows by length); positions
+    count from the right, so nothing else changes.
     """
     longest = int(min(view.lengths[np.asarray(rows)].max(initial=1), length + 1))
     window = left_padded(view, rows, longest)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from metarec_dist.allocator import keep_freed_memory
+from metarec_dist.allocator import freed_memory_environment
 from metarec_dist.data.store import DomainStore
 from metarec_dist.dist.optimizer import deepspeed_config
 from metarec_dist.dist.plan import DomainPlan, plan_domains
@@ -176,7 +176,7 @@ def _connect(config: RunConfig) -> None:
             address=address,
             log_to_driver=False,
             logging_level=logging.ERROR,
-            runtime_env=_driver_runtime_env({"PYTHONWARNINGS": "ignore::FutureWarning"}),
+            runtime_env=_driver_runtime_env({"PYTHONWARNINGS": "ignore::FutureWarning", **freed_memory_environment()}),
             # A local cluster needs no dashboard (its processes take CPU from the workers);
             # jobs are submitted to a cluster started with `ray start`, which has one.
             include_dashboard=False if address is None else None,
@@ -297,7 +297,6 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     progress = loop_config.get("progress")  # a ray.util.queue.Queue to the driver, or None
     collective = TorchCollective()
     torch.set_num_threads(config.runner.cpus_per_worker)
-    keep_freed_memory()  # a worker is its own process: the driver's setting does not reach it
 
     try:
         # Build: the target and this worker's own sources, nothing else.

@@ -9,7 +9,7 @@ Rows of very different lengths are encoded in groups, each cut to its longest
 row: one long history in a batch of short ones would otherwise make every row
 pay for its padding (on full Beauty, 12,800 positions for ~1,500 real ones).
 Positions count from the right and padding is masked, so a row's states do not
-depend on the group it is encoded in.
+depend on the group it is encoded in (up to rounding).
 """
 
 from __future__ import annotations
@@ -157,20 +157,24 @@ class SequenceEncoder(nn.Module):
         length = padding.shape[1]
         if length > self.config.max_length:
             raise ValueError(f"sequence length {length} exceeds encoder max_length {self.config.max_length}")
-        lengths = (~padding).sum(dim=1).clamp(min=1).tolist()
-        groups = length_groups(lengths, self.config.group_cost)
-        if not groups:  # an empty batch
-            return self._encode(item_vectors, padding)
+        if padding.numel() == 0:  # no rows or no columns: nothing to group
+            return self.encode(item_vectors, padding)
+        real = ~padding
+        # A row's span: from its first real position to the end (1 for a row of padding only).
+        spans = torch.where(real.any(dim=1), length - real.int().argmax(dim=1), 1).tolist()
+        groups = length_groups(spans, self.config.group_cost)
         pieces = []
         for rows in groups:
-            cut = max(lengths[row] for row in rows)
+            cut = max(spans[row] for row in rows)
             index = torch.tensor(rows, device=padding.device)
-            states = self._encode(item_vectors[index, length - cut:], padding[index, length - cut:])
+            states = self.encode(item_vectors[index, length - cut:], padding[index, length - cut:])
             pieces.append(F.pad(states, (0, 0, length - cut, 0)))  # zeros where the group was cut
         grouped_rows = torch.tensor([row for rows in groups for row in rows], device=padding.device)
         return torch.cat(pieces)[torch.argsort(grouped_rows)]
 
-    def _encode(self, item_vectors: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    def encode(self, item_vectors: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """The whole batch in one piece, at its full length: what ``forward`` runs per group,
+        and what an exported program runs (it has no Python numbers to group by)."""
         length = item_vectors.shape[1]
         # Positions count back from the latest event, so left padding does not shift them.
         positions = torch.arange(self.config.max_length - length, self.config.max_length, device=padding.device)

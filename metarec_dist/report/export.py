@@ -47,7 +47,7 @@ class QueryEncoder(nn.Module):
         self.register_buffer("item_inputs", item_inputs)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.item_inputs[ids], ids == 0)[:, -1]
+        return self.encoder.encode(self.item_inputs[ids], ids == 0)[:, -1]
 
 
 def query_encoder(saved: SavedRun) -> QueryEncoder:
