@@ -4,7 +4,7 @@ Data: a domain from the store (default Beauty, imported from ../shared/data).
 Settings, each in its own process (the allocator setting is process-wide):
 - ``baseline``: every batch encoded in one piece, glibc's default allocator
   (the code before stop 12);
-- ``grouped``: rows encoded in groups by length (``model.encoder.group_cost``);
+- ``grouped``: rows encoded in groups by length (``model.encoder.group_by_length``);
 - ``grouped + kept memory``: and freed memory kept in the process
   (``metarec_dist.allocator``), as ``metarec-dist`` runs;
 - the last one again in bf16.
@@ -32,13 +32,11 @@ from metarec_dist.machine import machine_description
 from metarec_dist.report.run_directory import write_json
 from metarec_dist.report.tables import format_table
 
-ONE_GROUP = 10**9  # group_cost so large that a batch is never split
-
 SETTINGS = [
-    {"name": "baseline", "precision": "fp32", "group_cost": ONE_GROUP, "keep_freed_memory": False},
-    {"name": "grouped", "precision": "fp32", "group_cost": None, "keep_freed_memory": False},
-    {"name": "grouped + kept memory", "precision": "fp32", "group_cost": None, "keep_freed_memory": True},
-    {"name": "grouped + kept memory, bf16", "precision": "bf16", "group_cost": None, "keep_freed_memory": True},
+    {"name": "baseline", "precision": "fp32", "group_by_length": False, "keep_freed_memory": False},
+    {"name": "grouped", "precision": "fp32", "group_by_length": True, "keep_freed_memory": False},
+    {"name": "grouped + kept memory", "precision": "fp32", "group_by_length": True, "keep_freed_memory": True},
+    {"name": "grouped + kept memory, bf16", "precision": "bf16", "group_by_length": True, "keep_freed_memory": True},
 ]
 
 
@@ -51,9 +49,8 @@ def measure(config_path: Path, overrides: list[str], setting: dict, steps: int) 
 
     if setting["keep_freed_memory"]:
         keep_freed_memory()
-    overrides = [*overrides, f"model.precision={setting['precision']}"]
-    if setting["group_cost"] is not None:
-        overrides.append(f"model.encoder.group_cost={setting['group_cost']}")
+    overrides = [*overrides, f"model.precision={setting['precision']}",
+                 f"model.encoder.group_by_length={setting['group_by_length']}"]
     config = load_config(RunConfig, config_path, overrides)
     trainer = Trainer(config, load_training_data(config), progress=False)
     for step in range(5):  # warm-up: allocator, kernels

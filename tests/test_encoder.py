@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from metarec_dist.model.encoder import EncoderConfig, SequenceEncoder, length_groups
+from metarec_dist.model.encoder import EncoderConfig, SequenceEncoder, encoded_length, length_groups
 from metarec_dist.model.recommender import ModelConfig, SequenceRecommender
 
 TINY = EncoderConfig(layers=2, heads=2, max_length=6, dropout=0.0)
@@ -24,7 +24,7 @@ def test_outputs_do_not_see_the_future():
 
 def test_left_padding_does_not_change_the_latest_state():
     torch.manual_seed(1)
-    encoder = SequenceEncoder(8, TINY.model_copy(update={"group_cost": 10**9})).eval()  # padding kept
+    encoder = SequenceEncoder(8, TINY.model_copy(update={"group_by_length": False})).eval()  # padding kept
     x = torch.randn(1, 3, 8)
     short = encoder(x, torch.zeros(1, 3, dtype=torch.bool))[0, -1]
     padded_x = torch.cat([torch.randn(1, 3, 8), x], dim=1)  # garbage in the padded slots
@@ -103,36 +103,46 @@ def test_training_reduces_the_loss(overrides):
     assert loss.item() < 0.5 * first
 
 
-def test_length_groups_cover_every_row_once_and_split_only_when_it_saves_work():
-    lengths = [3, 50, 2, 4, 3, 49, 2]
-    groups = length_groups(lengths, group_cost=10)
-    assert sorted(row for rows in groups for row in rows) == list(range(len(lengths)))
-    assert [sorted(rows) for rows in groups] == [[0, 2, 3, 4, 6], [1, 5]]  # 5x4 + 2x50 + 2 groups
-    assert length_groups(lengths, group_cost=10**6) == [sorted(range(7), key=lengths.__getitem__)]
-    assert len(length_groups(lengths, group_cost=0)) == len(set(lengths))
+def test_rows_are_encoded_at_the_next_power_of_two_of_their_span_within_the_batch_width():
+    assert [encoded_length(span, 50) for span in (1, 2, 3, 4, 5, 9, 16, 17, 33, 50)] == [1, 2, 4, 4, 8, 16, 16, 32, 50, 50]
+    assert encoded_length(20, 24) == 24
+    groups = length_groups([3, 50, 2, 4, 3, 49, 1], 50)
+    assert groups == {1: [6], 2: [2], 4: [0, 3, 4], 50: [1, 5]}
 
 
 def test_grouping_rows_by_length_does_not_change_their_states():
     torch.manual_seed(2)
-    config = TINY.model_copy(update={"group_cost": 0})
-    grouped = SequenceEncoder(8, config).eval()
-    whole = SequenceEncoder(8, config.model_copy(update={"group_cost": 10**6})).eval()
+    grouped = SequenceEncoder(8, TINY).eval()
+    whole = SequenceEncoder(8, TINY.model_copy(update={"group_by_length": False})).eval()
     whole.load_state_dict(grouped.state_dict())
     x = torch.randn(4, 6, 8)
     padding = torch.tensor([[True] * 5 + [False], [False] * 6, [True] * 3 + [False] * 3, [True] * 4 + [False] * 2])
-    assert len(length_groups((~padding).sum(1).tolist(), 0)) == 4
+    assert len(length_groups((~padding).sum(1).tolist(), 6)) == 4
     real = ~padding
     assert torch.allclose(grouped(x, padding)[real], whole(x, padding)[real], atol=1e-6)
     assert grouped(x[:0], padding[:0]).shape == (0, 6, 8)
     assert grouped(x[:, :0], padding[:, :0]).shape == (4, 0, 8)
 
 
+def test_a_rows_states_are_the_same_bit_for_bit_whatever_it_is_batched_with():
+    torch.manual_seed(4)
+    encoder = SequenceEncoder(8, TINY).eval()
+    row, row_padding = torch.randn(1, 6, 8), torch.tensor([[True] * 3 + [False] * 3])
+    others = torch.randn(5, 6, 8)
+    short, long = torch.ones(5, 6, dtype=torch.bool), torch.zeros(5, 6, dtype=torch.bool)
+    short[:, -1] = False
+    alone = encoder(row, row_padding)[0, -3:]
+    with_short = encoder(torch.cat([others, row]), torch.cat([short, row_padding]))[-1, -3:]
+    with_long = encoder(torch.cat([row, others]), torch.cat([row_padding, long]))[0, -3:]
+    assert torch.equal(alone, with_short) and torch.equal(alone, with_long)
+
+
 def test_grouping_does_not_change_the_loss_or_its_gradients():
     losses, gradients = [], []
-    for group_cost in (0, 10**9):
+    for group_by_length in (True, False):
         torch.manual_seed(3)
         config = ModelConfig(width=16, item_width=8, vq={"num_codebooks": 2, "codewords": 8},
-                             encoder=TINY.model_copy(update={"group_cost": group_cost}))
+                             encoder=TINY.model_copy(update={"group_by_length": group_by_length}))
         recommender = SequenceRecommender(config, {"t": 20})
         inputs = torch.tensor([[0, 0, 0, 0, 3, 4], [1, 2, 3, 4, 5, 6], [0, 0, 0, 7, 8, 9]])
         targets = torch.tensor([[0, 0, 0, 0, 4, 5], [2, 3, 4, 5, 6, 7], [0, 0, 0, 8, 9, 10]])

@@ -5,16 +5,15 @@ looks items up (through the VQ codebook, or an id table for the target-only
 baseline) and passes ``[B, L, D]`` vectors plus the padding mask. Inputs are
 left-padded, so position L-1 is every user's latest event.
 
-Rows of very different lengths are encoded in groups, each cut to its longest
-row: one long history in a batch of short ones would otherwise make every row
-pay for its padding (on full Beauty, 12,800 positions for ~1,500 real ones).
-Positions count from the right and padding is masked, so a row's states do not
-depend on the group it is encoded in (up to rounding).
+Rows of very different lengths are encoded in groups, each cut to a length
+its rows share: one long history in a batch of short ones would otherwise make
+every row pay for its padding (on full Beauty, 12,800 positions for ~1,500
+real ones). Positions count from the right and padding is masked, and a row's
+length depends on the row alone, so its states do not depend on its batch.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from contextlib import nullcontext
 
 import torch
@@ -33,37 +32,29 @@ class EncoderConfig(StrictModel):
     dropout: float = Field(0.2, ge=0, lt=1, description="on embeddings and block outputs")
     attention_dropout: float = Field(0.0, ge=0, lt=1, description="on attention weights")
     ffn_multiplier: int = Field(4, ge=1, description="feed-forward width = multiplier * model width")
-    group_cost: int = Field(
-        256, ge=0, description="what one more encoder call costs, in padded positions: rows are grouped "
-        "by length when that saves more (very large: one group per batch)"
+    group_by_length: bool = Field(
+        True, description="encode rows in groups by length (off: each batch in one piece, at its longest row)"
     )
 
 
-def length_groups(lengths: list[int], group_cost: int) -> list[list[int]]:
-    """Row indices grouped so that positions encoded plus ``group_cost`` per group is least.
+def encoded_length(span: int, width: int) -> int:
+    """The length a row of ``span`` real positions is encoded at, in a batch ``width`` columns wide:
+    the next power of two, at most the width.
 
-    A group is cut to its longest row, so it costs ``rows x longest`` positions.
-    The best groups are runs of the rows sorted by length, found by dynamic
-    programming over the distinct lengths (at most max_length of them).
+    It depends on the row and the width only, never on the other rows, so a
+    row's states are the same, bit for bit, in any batch of that width:
+    evaluation (always max_length wide) gives the same ranks whatever its batch
+    size or sharding. A row pays for less padding than its own span.
     """
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    sorted_lengths = [lengths[i] for i in order]
-    distinct = sorted(set(sorted_lengths))
-    rows_up_to = [0] + [bisect_right(sorted_lengths, value) for value in distinct]  # rows with length <= value
-    best_cost = [0.0] + [float("inf")] * len(distinct)
-    best_start = [0] * (len(distinct) + 1)
-    for end in range(1, len(distinct) + 1):  # a group ends at distinct[end - 1]
-        for start in range(end):  # and holds the rows longer than distinct[start - 1]
-            rows = rows_up_to[end] - rows_up_to[start]
-            cost = best_cost[start] + rows * distinct[end - 1] + group_cost
-            if cost < best_cost[end]:
-                best_cost[end], best_start[end] = cost, start
-    groups, end = [], len(distinct)
-    while end > 0:
-        start = best_start[end]
-        groups.append(order[rows_up_to[start]:rows_up_to[end]])
-        end = start
-    return groups[::-1]
+    return min(width, 1 << max(span - 1, 0).bit_length())
+
+
+def length_groups(spans: list[int], width: int) -> dict[int, list[int]]:
+    """Row indices by the length they are encoded at (``encoded_length``), shortest first."""
+    groups: dict[int, list[int]] = {}
+    for row, span in enumerate(spans):
+        groups.setdefault(encoded_length(span, width), []).append(row)
+    return dict(sorted(groups.items()))
 
 
 def attention_mask(padding: torch.Tensor) -> torch.Tensor:
@@ -157,19 +148,18 @@ class SequenceEncoder(nn.Module):
         length = padding.shape[1]
         if length > self.config.max_length:
             raise ValueError(f"sequence length {length} exceeds encoder max_length {self.config.max_length}")
-        if padding.numel() == 0:  # no rows or no columns: nothing to group
+        if padding.numel() == 0 or not self.config.group_by_length:
             return self.encode(item_vectors, padding)
         real = ~padding
         # A row's span: from its first real position to the end (1 for a row of padding only).
         spans = torch.where(real.any(dim=1), length - real.int().argmax(dim=1), 1).tolist()
-        groups = length_groups(spans, self.config.group_cost)
+        groups = length_groups(spans, length)
         pieces = []
-        for rows in groups:
-            cut = max(spans[row] for row in rows)
+        for cut, rows in groups.items():
             index = torch.tensor(rows, device=padding.device)
             states = self.encode(item_vectors[index, length - cut:], padding[index, length - cut:])
             pieces.append(F.pad(states, (0, 0, length - cut, 0)))  # zeros where the group was cut
-        grouped_rows = torch.tensor([row for rows in groups for row in rows], device=padding.device)
+        grouped_rows = torch.tensor([row for rows in groups.values() for row in rows], device=padding.device)
         return torch.cat(pieces)[torch.argsort(grouped_rows)]
 
     def encode(self, item_vectors: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
