@@ -97,6 +97,11 @@ def meta_step_worker(loop_config):
     )
 
 
+def _without_key_part(qkv_bias: torch.Tensor) -> torch.Tensor:
+    query, _, value = qkv_bias.chunk(3)
+    return torch.cat([query, value])
+
+
 @pytest.mark.parametrize(("zero_stage", "center"), [(None, False), (0, False), (2, True)])
 def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tmp_path, zero_stage, center):
     from ray.train import RunConfig, ScalingConfig
@@ -127,7 +132,12 @@ def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tm
             assert all(abs(step_weights[s] - want[s]) < 1e-5 for s in want)
         own = [s for s in SOURCES if OWNER[s] == rank]
         for name, value in got["parameters"].items():
-            assert torch.allclose(value, expected[name], atol=1e-5, rtol=0), name
+            want = expected[name]
+            if name.endswith("attention.qkv.bias"):
+                # Not the key bias: softmax is shift-invariant, so its gradient is zero but for
+                # rounding, and Adam scales that noise up to steps of the learning rate's order.
+                value, want = _without_key_part(value), _without_key_part(want)
+            assert torch.allclose(value, want, atol=1e-5, rtol=0), name
         # A worker holds theta, the target's parameters and its own sources' only, and the
         # optimizer state of one of the two codebooks.
         held = {name.split(".")[1] for name in got["parameters"] if name.startswith("domains.")}
