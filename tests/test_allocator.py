@@ -35,8 +35,8 @@ else:
 print(faults[0])
 """
 GLIBC = platform.libc_ver()[0] == "glibc"
-HUGE_PAGES_ALWAYS = "[always]" in (Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-                                   if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() else "")
+HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+HUGE_PAGES_ALWAYS = HUGE_PAGES.exists() and "[always]" in HUGE_PAGES.read_text()
 needs_glibc = pytest.mark.skipif(not GLIBC or HUGE_PAGES_ALWAYS, reason="counts glibc's 4 KB page faults")
 
 

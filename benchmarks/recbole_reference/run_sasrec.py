@@ -23,23 +23,16 @@ import time
 
 T_START = time.perf_counter()
 
-import warnings
-
 import numpy as np
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # numpy 1.x FutureWarning on hasattr(np, "str") etc.
-    _missing = [n for n in ("float", "int", "bool", "object", "str", "complex", "long", "unicode")
-                if n not in np.__dict__]
-for _name, _val in (("float", float), ("int", int), ("bool", bool), ("object", object),
-                     ("str", str), ("complex", complex), ("long", int), ("unicode", str)):
-    if _name in _missing:
-        setattr(np, _name, _val)
-# RecBole's Config.compatibility_settings() assigns np.float = np.float_ etc.;
-# these names are gone in numpy>=2, so provide them too (harmless on numpy 1.x).
-for _name, _val in (("float_", np.float64), ("complex_", np.complex128), ("unicode_", np.str_)):
-    if not hasattr(np, _name):
-        setattr(np, _name, _val)
+# Names numpy removed that RecBole 1.2.1 still reads (np.float, ...; np.float_ etc. went in numpy 2).
+# Looked up in np.__dict__: numpy's module __getattr__ would warn or raise for them.
+REMOVED_NUMPY_NAMES = {"float": float, "int": int, "bool": bool, "object": object, "str": str,
+                       "complex": complex, "long": int, "unicode": str,
+                       "float_": np.float64, "complex_": np.complex128, "unicode_": np.str_}
+for _name, _value in REMOVED_NUMPY_NAMES.items():
+    if _name not in np.__dict__:
+        setattr(np, _name, _value)
 
 import torch
 
