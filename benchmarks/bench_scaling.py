@@ -247,13 +247,17 @@ def main() -> None:
             record("weak", runs["one"])
             record("weak", runs["loaded"], loaded=True)
             record("weak", runs["two"])
-            references[model] = {name: statistics.median(run["meta_steps_per_s"] for run in runs[name])
-                                 for name in ("no_ray_alone", "no_ray_beside")}
+            references[model] = {
+                **{name: statistics.median(run["meta_steps_per_s"] for run in runs[name])
+                   for name in ("no_ray_alone", "no_ray_beside")},
+                **{f"{name}_rates": [run["meta_steps_per_s"] for run in runs[name]]
+                   for name in ("no_ray_alone", "no_ray_beside")},
+            }
             print(f"weak    {model:10s} worker 0's shard without Ray: {references[model]['no_ray_alone']:.2f} "
                   f"meta-steps/s alone, {references[model]['no_ray_beside']:.2f} beside worker 1's", flush=True)
 
     domain_rows = [r for r in rows if r["sweep"] == "domains"]
-    for row in domain_rows:
+    for row in domain_rows:  # against the first setting's rate
         base = domain_rows[0]["meta_steps_per_s"]
         total = sum(row["source_parameters_per_worker"])
         row["step_time_vs_first"] = round(base / row["meta_steps_per_s"], 3)
@@ -266,7 +270,7 @@ def main() -> None:
                        "two_workers": two["meta_steps_per_s"],
                        "efficiency": two["meta_steps_per_s"] / one["meta_steps_per_s"],
                        "efficiency_vs_loaded": two["meta_steps_per_s"] / loaded["meta_steps_per_s"],
-                       "no_ray_alone": reference["no_ray_alone"], "no_ray_beside": reference["no_ray_beside"],
+                       **reference,
                        "machine_ceiling": reference["no_ray_beside"] / reference["no_ray_alone"]}
 
     print()
