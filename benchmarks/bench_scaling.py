@@ -78,7 +78,7 @@ def make_store(root: Path, sources: int) -> tuple[DomainStore, list[str]]:
 MODELS = {
     "quickstart": [],
     "beauty": ["model.width=64", "model.item_width=64", "model.encoder.layers=2", "model.encoder.max_length=50",
-               "train.batch_size=128"],
+               "model.encoder.group_by_length=true", "train.batch_size=128"],
 }
 
 
