@@ -247,18 +247,16 @@ def main() -> None:
             record("weak", runs["one"])
             record("weak", runs["loaded"], loaded=True)
             record("weak", runs["two"])
-            references[model] = {
-                **{name: statistics.median(run["meta_steps_per_s"] for run in runs[name])
-                   for name in ("no_ray_alone", "no_ray_beside")},
-                **{f"{name}_rates": [run["meta_steps_per_s"] for run in runs[name]]
-                   for name in ("no_ray_alone", "no_ray_beside")},
-            }
+            references[model] = {}
+            for name in ("no_ray_alone", "no_ray_beside"):
+                rates = [run["meta_steps_per_s"] for run in runs[name]]
+                references[model] |= {name: statistics.median(rates), f"{name}_rates": rates}
             print(f"weak    {model:10s} worker 0's shard without Ray: {references[model]['no_ray_alone']:.2f} "
                   f"meta-steps/s alone, {references[model]['no_ray_beside']:.2f} beside worker 1's", flush=True)
 
     domain_rows = [r for r in rows if r["sweep"] == "domains"]
-    for row in domain_rows:  # against the first setting's rate
-        base = domain_rows[0]["meta_steps_per_s"]
+    base = domain_rows[0]["meta_steps_per_s"] if domain_rows else None  # step time against the first setting
+    for row in domain_rows:
         total = sum(row["source_parameters_per_worker"])
         row["step_time_vs_first"] = round(base / row["meta_steps_per_s"], 3)
         row["largest_worker_share_of_source_tables"] = round(max(row["source_parameters_per_worker"]) / total, 3)
