@@ -3,8 +3,8 @@
 Data: synthetic stores (``metarec_dist.data.synthetic``) with 2 to 256 related
 source domains of 150-400 users and 100-300 items each, and the default target
 keeping 10% of its users. Model: ``configs/quickstart.yaml`` (width 32, one
-encoder layer, 4 x 32 product codebook), ZeRO-2 encoder engine, no
-checkpoints, and ``--tasks-per-step`` tasks per meta-step per worker (default
+encoder layer, 4 x 32 product codebook), the default encoder engine (ZeRO
+stage 0), no checkpoints, and ``--tasks-per-step`` tasks per meta-step per worker (default
 1: with 2 sources on 2 workers a worker owns a single source, so every
 setting runs the same work per worker).
 
@@ -58,7 +58,7 @@ from metarec_dist.data.store import DomainStore
 from metarec_dist.data.synthetic import SyntheticConfig, generate_store
 from metarec_dist.dist.runner import source_plan, train_distributed
 from metarec_dist.machine import machine_description
-from metarec_dist.meta.config import RunConfig
+from metarec_dist.meta.config import RunConfig, RunnerConfig
 from metarec_dist.meta.trainer import Trainer, load_training_data
 from metarec_dist.report.run_directory import write_json
 from metarec_dist.report.tables import format_table
@@ -87,7 +87,7 @@ def run_config(store: DomainStore, sources: list[str], workers: int, steps: int,
     return load_config(RunConfig, QUICKSTART, [
         f"data.store={store.root}", f"data.sources={sources}", f"train.steps={steps}",
         f"train.eval_every={steps // 2}", "train.patience=10", f"meta.tasks_per_step={tasks}",
-        f"runner.workers={workers}", "runner.checkpoint_every=0", "runner.zero_stage=2",
+        f"runner.workers={workers}", "runner.checkpoint_every=0",
         f"output_dir={workdir}", *MODELS[model],
     ])
 
@@ -286,7 +286,9 @@ def main() -> None:
               f"1-worker run); without Ray, a second training process costs the first "
               f"{1 - result['machine_ceiling']:.1%} (ceiling {result['machine_ceiling']:.1%})")
     write_json(args.output, {"machine": machine, "steps": args.steps, "repeats": args.repeats,
-                             "tasks_per_step": args.tasks_per_step, "runs": rows, "weak_scaling": weak})
+                             "tasks_per_step": args.tasks_per_step,
+                             "zero_stage": RunnerConfig().zero_stage,
+                             "runs": rows, "weak_scaling": weak})
     print(f"wrote {args.output}")
 
 

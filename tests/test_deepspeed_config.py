@@ -52,7 +52,7 @@ def test_options_that_would_bend_the_update_are_refused_before_any_worker_starts
 
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}))
-    config = write_config(tmp_path, synthetic_store, runner={"workers": 2, "deepspeed_config": str(bad)})
+    config = write_config(tmp_path, synthetic_store, runner={"workers": 2, "zero_stage": 2, "deepspeed_config": str(bad)})
     assert main(["train", str(config)]) == 2  # no Ray cluster is started for this
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: runner.deepspeed_config:") and "gradient_accumulation_steps" in error

@@ -1,5 +1,6 @@
 """Meta-training on real Ray Train workers (a local Ray cluster, gloo): same numbers as one process."""
 
+import contextlib
 import json
 import os
 import sys
@@ -78,6 +79,24 @@ def run_meta_steps(model, tasks, collective, optimizer, meta, steps=3):
     return logs, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+@contextlib.contextmanager
+def counted_all_reduces():
+    """Every torch.distributed.all_reduce in the block (DeepSpeed's included), as a growing list."""
+    import torch.distributed as dist
+
+    calls, real = [], dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = real
+
+
 def meta_step_worker(loop_config):
     """A Ray Train worker: its own sources only, the torch.distributed collective, the worker optimizer."""
     from metarec_dist.dist.optimizer import WorkerOptimizer
@@ -85,13 +104,15 @@ def meta_step_worker(loop_config):
     collective, own, model = worker_with_own_sources()
     optimizer = WorkerOptimizer(model, [], run_config(loop_config["zero_stage"]), "t", collective)
     meta = META.model_copy(update={"center": loop_config["center"]})
-    logs, parameters = run_meta_steps(model, [task(s) for s in own], collective, optimizer, meta)
+    with counted_all_reduces() as all_reduces:
+        logs, parameters = run_meta_steps(model, [task(s) for s in own], collective, optimizer, meta)
     torch.save(
         {
             "parameters": parameters,
             "weights": [dict(zip(log.sources, log.weights)) for log in logs],
             "codebook_state": optimizer.optimizer_state_numel()["codebook"],
             "deepspeed": optimizer.engine is not None,
+            "all_reduces_per_step": len(all_reduces) / len(logs),
         },
         os.path.join(loop_config["out"], f"rank{collective.rank}.pt"),
     )
@@ -144,6 +165,10 @@ def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tm
         assert held == {"t", *own}
         assert got["codebook_state"] == 2 * 6 * 4  # Adam's two moments of 1 codebook x 6 codewords x width 4
         assert got["deepspeed"] == (zero_stage is not None)
+        if zero_stage in (None, 0):
+            # The summed gradients and the codebook's owners, nothing more: a stage-0 engine applies
+            # the encoder's sum without reducing it again.
+            assert got["all_reduces_per_step"] == 2
     # The weights are not trivially uniform: the test can see a wrong global softmax.
     assert max(expected_weights[0].values()) - min(expected_weights[0].values()) > 1e-3
 

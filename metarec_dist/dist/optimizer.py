@@ -6,10 +6,13 @@ sources' support gradients). ``WorkerOptimizer.step`` turns the shares into one
 update, a sum over all tasks of all workers, applied by four owners:
 
 - **the shared encoder**: a DeepSpeed engine (ZeRO stage ``runner.zero_stage``,
-  optimizer state partitioned over workers from stage 1 on). The summed
-  gradient goes in through a surrogate loss, ``world_size * sum(p * g)``,
-  whose backward is ``world_size * g`` per worker; DeepSpeed averages over
-  workers, which gives the sum. Clipping is off so the step is exact.
+  optimizer state partitioned over workers from stage 1 on). The gradient
+  goes in through a surrogate loss ``sum(p * g)``, whose backward is ``g``.
+  At stage 0 the encoder's gradients join the one all-reduce below and the
+  engine applies the sum under ``engine.no_sync()`` (no collective of its
+  own); from stage 1 on DeepSpeed must reduce them itself (its partitions),
+  so each worker passes ``world_size * g`` and DeepSpeed's average over
+  workers gives the sum. Clipping is off so the step is exact.
 - **the VQ codebook**, sharded by codebook: worker r owns codebooks
   ``r, r + N, r + 2N, ...`` and holds the Adam state (and the master copy) of
   those alone. After the summed gradient is known, each owner steps its
@@ -29,6 +32,7 @@ single-process step (tests/test_distributed.py checks it across 2 workers).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -116,6 +120,8 @@ class WorkerOptimizer:
         self.engine_seconds = 0.0  # wall time in the DeepSpeed engine's backward and step (its collectives)
         self.engine = None
         self.encoder_adam = None
+        # ZeRO stage 0 partitions nothing: the encoder's gradients join this class's all-reduce.
+        self.encoder_summed_here = config.runner.zero_stage == 0
         if config.runner.zero_stage is None:
             self.encoder_adam = torch.optim.Adam(self.encoder_parameters, **adam)
             self.replicated = self.encoder_parameters + self.replicated
@@ -132,17 +138,20 @@ class WorkerOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        # The replicated tensors' and the codebook's gradients are summed in one all-reduce:
-        # each collective costs a round trip in which both workers wait.
+        # Every gradient this class sums goes in one all-reduce (the replicated tensors', the
+        # codebook's, the encoder's at ZeRO stage 0): each collective costs a round trip in which
+        # both workers wait.
         codebook = [self.codebooks] if self.codebooks is not None else []
-        summed = summed_gradients(self.replicated + codebook, self.collective)
-        self._step_replicated(summed[: len(self.replicated)])
+        encoder = self.encoder_parameters if self.encoder_summed_here else []
+        summed = summed_gradients(self.replicated + encoder + codebook, self.collective)
+        replicated, rest = summed[: len(self.replicated)], summed[len(self.replicated) :]
+        self._step_replicated(replicated)
         if self.codebooks is not None:
-            self._step_codebook(summed[-1])
+            self._step_codebook(rest[-1])
         if self.local_adam is not None:
             self.local_adam.step()
         if self.engine is not None:
-            self._step_encoder()
+            self._step_encoder(rest[: len(encoder)] if encoder else None)
 
     # --- the owners -------------------------------------------------------------------
 
@@ -168,14 +177,20 @@ class WorkerOptimizer:
         self.collective.all_reduce_sum_([updated])
         self.codebooks.copy_(updated)
 
-    def _step_encoder(self) -> None:
+    def _step_encoder(self, summed: list[torch.Tensor | None] | None) -> None:
+        """``summed``: the encoder's gradients summed over workers (stage 0); None: DeepSpeed sums them."""
         started = time.perf_counter()
-        gradients = [_grad_or_zero(p).clone() for p in self.encoder_parameters]
+        if summed is None:
+            gradients = [_grad_or_zero(p).clone() for p in self.encoder_parameters]
+            scale, reduction = self.collective.world_size, contextlib.nullcontext()
+        else:
+            gradients = [torch.zeros_like(p) if g is None else g for p, g in zip(self.encoder_parameters, summed)]
+            scale, reduction = 1, self.engine.no_sync()  # already summed: the engine must not average them
         for p in self.encoder_parameters:
             p.grad = None
-        with torch.enable_grad():
+        with torch.enable_grad(), reduction:
             surrogate = sum((p * g).sum() for p, g in zip(self.encoder_parameters, gradients))
-            self.engine.backward(surrogate * self.collective.world_size)
+            self.engine.backward(surrogate * scale)
         self.engine.step()
         self.engine_seconds += time.perf_counter() - started
 

@@ -56,7 +56,9 @@ class RunnerConfig(StrictModel):
     checkpoint_every: int = Field(50, ge=0, description="checkpoint every this many meta-steps (0: never)")
     max_failures: int = Field(2, ge=0, description="worker failures to recover from, each from the last checkpoint")
     zero_stage: Literal[0, 1, 2] | None = Field(
-        2, description="DeepSpeed ZeRO stage of the shared encoder's engine (None: plain replicated Adam)"
+        0, description="DeepSpeed ZeRO stage of the shared encoder's engine (None: plain replicated Adam); 0 "
+        "sums the encoder's gradients in the step's one all-reduce, 1-2 partition its optimizer state at the "
+        "cost of DeepSpeed's own collectives (worth it for encoders far larger than the shipped ones)"
     )
     deepspeed_config: Path | None = Field(
         None, description="a DeepSpeed JSON config to start from (configs/deepspeed/); stage, optimizer and "
