@@ -4,9 +4,9 @@ Data: synthetic stores (``metarec_dist.data.synthetic``) with 2 to 256 related
 source domains of 150-400 users and 100-300 items each, and the default target
 keeping 10% of its users. Model: ``configs/quickstart.yaml`` (width 32, one
 encoder layer, 4 x 32 product codebook), the default encoder engine (ZeRO
-stage 0), no checkpoints, and ``--tasks-per-step`` tasks per meta-step per worker (default
-1: with 2 sources on 2 workers a worker owns a single source, so every
-setting runs the same work per worker).
+stage 0), no checkpoints, and ``--tasks-per-step`` tasks per meta-step per
+worker (default 1: with 2 sources on 2 workers a worker owns a single source,
+so every setting runs the same work per worker).
 
 For each setting, one Ray Train run of ``--steps`` meta-steps, validated at
 the half and at the end; the rate is the second half's meta-steps over its
