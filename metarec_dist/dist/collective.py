@@ -51,7 +51,7 @@ class TorchCollective:
         payload = pickle.dumps(value)
         with self._timed():
             buffers = self._all_gather_bytes(payload, SMALL_OBJECT_BYTES)
-            lengths = [int.from_bytes(buffer[:_LENGTH_BYTES].numpy().tobytes(), "little") for buffer in buffers]
+            lengths = [int(buffer[:_LENGTH_BYTES].view(torch.int64)) for buffer in buffers]
             if max(lengths) > SMALL_OBJECT_BYTES:
                 buffers = self._all_gather_bytes(payload, max(lengths))
         return [pickle.loads(buffer[_LENGTH_BYTES : _LENGTH_BYTES + length].numpy().tobytes())
@@ -60,8 +60,7 @@ class TorchCollective:
     def _all_gather_bytes(self, payload: bytes, capacity: int) -> list[torch.Tensor]:
         """Each rank's buffer: the payload's length, then the payload if it fits in ``capacity``."""
         buffer = torch.zeros(_LENGTH_BYTES + capacity, dtype=torch.uint8)
-        buffer[:_LENGTH_BYTES] = torch.frombuffer(bytearray(len(payload).to_bytes(_LENGTH_BYTES, "little")),
-                                                  dtype=torch.uint8)
+        buffer[:_LENGTH_BYTES].view(torch.int64).fill_(len(payload))
         if len(payload) <= capacity:
             buffer[_LENGTH_BYTES : _LENGTH_BYTES + len(payload)] = torch.frombuffer(bytearray(payload),
                                                                                    dtype=torch.uint8)

@@ -150,8 +150,10 @@ class WorkerOptimizer:
             self._step_codebook(rest[-1])
         if self.local_adam is not None:
             self.local_adam.step()
+        for p, g in zip(encoder, rest):  # stage 0: the engine applies these sums as they are
+            p.grad = g
         if self.engine is not None:
-            self._step_encoder(rest[: len(encoder)] if encoder else None)
+            self._step_encoder()
 
     # --- the owners -------------------------------------------------------------------
 
@@ -177,15 +179,14 @@ class WorkerOptimizer:
         self.collective.all_reduce_sum_([updated])
         self.codebooks.copy_(updated)
 
-    def _step_encoder(self, summed: list[torch.Tensor | None] | None) -> None:
-        """``summed``: the encoder's gradients summed over workers (stage 0); None: DeepSpeed sums them."""
+    def _step_encoder(self) -> None:
+        """Apply the encoder's ``.grad``: already summed over workers at stage 0, else DeepSpeed sums them."""
         started = time.perf_counter()
-        if summed is None:
-            gradients = [_grad_or_zero(p).clone() for p in self.encoder_parameters]
-            scale, reduction = self.collective.world_size, contextlib.nullcontext()
-        else:
-            gradients = [torch.zeros_like(p) if g is None else g for p, g in zip(self.encoder_parameters, summed)]
+        gradients = [_grad_or_zero(p).clone() for p in self.encoder_parameters]
+        if self.encoder_summed_here:
             scale, reduction = 1, self.engine.no_sync()  # already summed: the engine must not average them
+        else:
+            scale, reduction = self.collective.world_size, contextlib.nullcontext()
         for p in self.encoder_parameters:
             p.grad = None
         with torch.enable_grad(), reduction:
