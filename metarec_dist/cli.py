@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 from metarec_dist.allocator import keep_freed_memory
-from metarec_dist.errors import ConfigError, MetarecError
+from metarec_dist.errors import ConfigError, MetarecError, RunInterrupted
 
 DEFAULT_STORE = Path("store")
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
 log = logging.getLogger("metarec_dist")
 
@@ -236,7 +237,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         if config.runner.workers == 1 and resume_from is None:
             trainer = Trainer(config, data, progress=sys.stderr.isatty())
             log_step = (lambda step: tensorboard(trainer.progress_record(step))) if tensorboard else None
-            outcome = trainer.run(after_step=log_step)
+            try:
+                outcome = trainer.run(after_step=log_step)
+            except KeyboardInterrupt:
+                raise RunInterrupted(None) from None
         else:
             from metarec_dist.dist.runner import train_distributed
 
@@ -256,6 +260,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         save_state(run_dir / MODEL_FILE, outcome.best_state)
         write_json(run_dir / "results.json", outcome.results)
         plots = write_plots(outcome.results, run_dir)
+    except RunInterrupted as interrupted:
+        _record_interruption(run_dir, config, interrupted.step, args)
+        raise
     finally:
         package_log.removeHandler(file_log)
         file_log.close()
@@ -266,6 +273,36 @@ def cmd_train(args: argparse.Namespace) -> None:
     if tensorboard is not None:
         print(f"tensorboard: tensorboard --logdir {tensorboard.directory}")
     print(f"results: {run_dir / 'results.json'}")
+
+
+def _record_interruption(run_dir: Path, config, step: int | None, args: argparse.Namespace) -> None:
+    """Say how to continue a run the user stopped, and record the stop in its directory."""
+    import shlex
+    import time
+
+    from metarec_dist.dist.checkpoint import latest_complete
+    from metarec_dist.report.run_directory import unused_path, write_json
+
+    distributed = config.runner.workers > 1 or args.resume is not None
+    checkpoint = latest_complete(config.runner.storage_path or run_dir / "ray") if distributed else None
+    overrides = [f"--set {shlex.quote(override)}" for override in args.overrides]
+    if checkpoint is not None:
+        command = " ".join(["metarec-dist train --resume", shlex.quote(str(run_dir)),
+                            *(overrides if args.resume is not None else [])])
+        checkpoint_step = json.loads((checkpoint / "state.json").read_text())["step"]
+        how = (f"every worker stopped after step {step} and wrote a checkpoint" if step is not None
+               else f"stopped at once; the newest complete checkpoint is of step {checkpoint_step}")
+    else:
+        command = " ".join(["metarec-dist train", shlex.quote(str(args.config)), *overrides])
+        checkpoint_step = None
+        how = ("this run trained in one process, which writes no checkpoints" if not distributed
+               else "stopped before its first checkpoint")
+    write_json(unused_path(run_dir, "interrupted", ".json"), {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stopped_after_step": step,
+        "checkpoint": str(checkpoint) if checkpoint else None, "checkpoint_step": checkpoint_step,
+        "continue_with": command,
+    })
+    print(f"interrupted: {how}; continue with:\n  {command}", file=sys.stderr)
 
 
 def _resumed_config(run_dir: Path, overrides: list[str]):
@@ -401,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     except MetarecError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunInterrupted:  # the command has said how to continue
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0

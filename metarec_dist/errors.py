@@ -27,5 +27,18 @@ class TrainingError(MetarecError):
     """Training cannot go on (a non-finite loss, say); names the step and the domain."""
 
 
+class CheckpointError(MetarecError):
+    """A checkpoint cannot be written (a full or unwritable disk); names the path."""
+
+
 class RetrievalError(MetarecError):
     """A search cannot run as asked: widths differ, k too large, no GPU, not enough memory."""
+
+
+class RunInterrupted(Exception):
+    """The user stopped a run (Ctrl-C). ``step``: the step whose checkpoint the workers wrote
+    before stopping; None when they were stopped at once, without one."""
+
+    def __init__(self, step: int | None) -> None:
+        super().__init__("interrupted" + (f" at step {step}" if step is not None else ""))
+        self.step = step

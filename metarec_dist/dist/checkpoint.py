@@ -10,8 +10,10 @@ worker's files:
     best.pt               rank 0: the best validated weights so far (theta and the target's)
     sources/<domain>.pt   each source's owner: the source's parameters and Adam moments
     rng-<rank>.json       each worker's batch sampler and torch random state
-    done-<rank>.json      written last by each worker, naming its files: a checkpoint is
-                          complete when every rank of ``state.json``'s world size has one
+    done-<rank>.json      written last by each worker, naming its files and their sizes: a
+                          checkpoint is complete when every rank of ``state.json``'s world size
+                          has one and every file it names has its size (a copy to storage cut
+                          short by a full disk or a kill is incomplete)
 
 Nothing is ever unpickled: tensors load with ``weights_only=True``. A resumed
 run with the same number of workers continues each worker's random streams; with
@@ -77,7 +79,8 @@ def write_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimiz
         "torch": torch.get_rng_state().tolist(),
     }))
     written.append(f"rng-{rank}.json")
-    (directory / f"done-{rank}.json").write_text(json.dumps({"files": written}))
+    sizes = {name: (directory / name).stat().st_size for name in written}
+    (directory / f"done-{rank}.json").write_text(json.dumps({"files": sizes}))
 
 
 def is_complete(directory: Path) -> bool:
@@ -86,7 +89,9 @@ def is_complete(directory: Path) -> bool:
         world_size = json.loads((directory / "state.json").read_text())["world_size"]
         for rank in range(world_size):
             files = json.loads((directory / f"done-{rank}.json").read_text())["files"]
-            if not all((directory / name).is_file() for name in files):
+            sizes = files if isinstance(files, dict) else dict.fromkeys(files)  # a list: written without sizes
+            if not all((directory / name).is_file() and size in (None, (directory / name).stat().st_size)
+                       for name, size in sizes.items()):
                 return False
     except (OSError, ValueError, KeyError):
         return False

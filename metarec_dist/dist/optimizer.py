@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from metarec_dist.dist.deepspeed_ops import load_deepspeed_ops
 from metarec_dist.errors import ConfigError
 from metarec_dist.meta.config import RunConfig
 from metarec_dist.meta.step import Collective
@@ -354,8 +355,7 @@ def _grad_or_zero(p: torch.Tensor) -> torch.Tensor:
 
 def _deepspeed_engine(encoder: torch.nn.Module, config: RunConfig):
     """The encoder in a DeepSpeed engine on the process group Ray Train set up."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    load_deepspeed_ops()  # chooses the accelerator; never waits on a lock a killed build left
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)

@@ -1,9 +1,14 @@
 """Meta-training on Ray Train workers, each owning a shard of the source domains.
 
-    driver:  plan_domains -> preflight -> TorchTrainer.fit() -> the leader's results
+    driver:  plan_domains -> preflight -> TorchTrainer.fit() on a thread, supervised
+             (start-up watchdog, Ctrl-C) -> the leader's results
     worker:  restore config and plan -> open its shard -> restore a checkpoint, if any
              -> Trainer(..., TorchCollective(), WorkerOptimizer).run()
              -> report at validations and checkpoints; the leader reports results at the end
+
+Each worker tells a ``RunControl`` actor where it stands (``dist.control``); a
+first Ctrl-C on the driver makes every worker stop at the same step boundary
+with a checkpoint, a second one (or the watchdog) aborts the run at once.
 
 The worker runs the single-process ``Trainer`` unchanged; only the
 ``Collective`` differs (see ``metarec_dist.meta.step.meta_step``), so one
@@ -14,10 +19,14 @@ memory grows with its shard, not with the number of domains.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import secrets
+import signal
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -30,7 +39,10 @@ from metarec_dist.allocator import freed_memory_environment
 from metarec_dist.data.store import DomainStore
 from metarec_dist.dist.optimizer import deepspeed_config
 from metarec_dist.dist.plan import DomainPlan, plan_domains
-from metarec_dist.errors import ConfigError, MetarecError, TrainingError
+from metarec_dist.dist.control import (
+    STARTING, TRAINING, RunControl, StopAgreement, StopPoll, controller_callbacks, overdue_message,
+)
+from metarec_dist.errors import CheckpointError, ConfigError, MetarecError, RunInterrupted, TrainingError
 from metarec_dist.meta.config import RunConfig
 from metarec_dist.meta.saved_run import MODEL_FILE
 
@@ -38,6 +50,8 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 ERROR_FILE = "error.json"
+INTERRUPTED_FILE = "interrupted.json"  # in the checkpoint the workers wrote when asked to stop
+SUPERVISE_EVERY_S = 0.5
 
 
 @dataclass
@@ -78,6 +92,7 @@ def train_distributed(
     _connect(config)
     _preflight(config, storage_dir)
 
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig, TrainingFailedError
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -88,8 +103,9 @@ def train_distributed(
     # Ray Train's own barriers (every ray.train.report) wait forever by default: a worker frozen
     # at a report would hang the run. The trainer hands this variable on to its controller.
     os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = str(runner.collective_timeout_s)
-    # The queue is a tiny actor: it takes no CPU from the workers' reservation.
+    # The queue and the control are tiny actors: they take no CPU from the workers' reservation.
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0}) if on_progress is not None else None
+    control = ray.remote(num_cpus=0)(RunControl).remote(runner.workers)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -97,6 +113,7 @@ def train_distributed(
             "plan": plan.to_json(),
             "resume_from": str(resume_from.resolve()) if resume_from else None,
             "progress": progress,
+            "control": control,
         },
         scaling_config=ScalingConfig(
             num_workers=runner.workers, use_gpu=use_gpu, resources_per_worker={"CPU": runner.cpus_per_worker}
@@ -108,17 +125,23 @@ def train_distributed(
             failure_config=FailureConfig(max_failures=runner.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=controller_callbacks(control),
         ),
     )
     try:
-        result = _fit(trainer, progress, on_progress)
+        with _progress_drained(progress, on_progress):
+            result = _supervised_fit(trainer, control, runner.startup_timeout_s)
     except TrainingFailedError as error:
         raise _user_error(error) from None
+    finally:
+        ray.kill(control)
     if result.checkpoint is None:
         raise TrainingError("the workers finished without reporting results; see the Ray logs in the run directory")
     with result.checkpoint.as_directory() as directory:
         if (Path(directory) / ERROR_FILE).is_file():  # the last good checkpoint stays in storage
             raise TrainingError(json.loads((Path(directory) / ERROR_FILE).read_text())["error"])
+        if (Path(directory) / INTERRUPTED_FILE).is_file():
+            raise RunInterrupted(json.loads((Path(directory) / INTERRUPTED_FILE).read_text())["step"])
         results = json.loads((Path(directory) / RESULTS_FILE).read_text())
         best_state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
     results["plan"] = {"workers": plan.workers, "owner": plan.owner}
@@ -128,10 +151,91 @@ def train_distributed(
 # --- driver side ------------------------------------------------------------------------
 
 
-def _fit(trainer, progress, on_progress):
-    """``trainer.fit()`` on this thread (so Ctrl-C reaches Ray), progress drained by a daemon thread."""
+def _supervised_fit(trainer, control, startup_timeout_s: float):
+    """``trainer.fit()`` on a thread while this one watches the run.
+
+    A first Ctrl-C asks the workers to stop at the next step boundary (they
+    write a checkpoint); a second one aborts the run at once, and so does the
+    start-up watchdog when a worker is not training within ``startup_timeout_s``
+    or a worker reports an error no retry can fix. Ray Train registers its own
+    Ctrl-C handler only when ``fit`` runs on the main thread, so this one rules.
+    """
+    import ray
+
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the caller's thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    with _counted_interrupts() as interrupts:
+        thread.start()
+        stop_requested = False
+        while thread.is_alive():
+            thread.join(timeout=SUPERVISE_EVERY_S)
+            if interrupts.count >= 2:
+                _abort(control, thread)
+                raise RunInterrupted(None)
+            if interrupts.count == 1 and not stop_requested:
+                control.request_stop.remote()
+                stop_requested = True
+                log.warning("stopping every worker at the next step boundary, after a checkpoint "
+                            "(press Ctrl-C again to stop at once, without one)")
+            try:
+                status = ray.get(control.status.remote(), timeout=30)
+            except (ray.exceptions.RayError, TimeoutError):
+                continue  # the watchdog misses one look; the run itself is unaffected
+            failure = status["fatal"] or overdue_message(status, startup_timeout_s)
+            if failure is not None and thread.is_alive():
+                _abort(control, thread)
+                raise TrainingError(failure)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+class _Interrupts:
+    count = 0
+
+
+@contextlib.contextmanager
+def _counted_interrupts():
+    """Count SIGINTs instead of raising KeyboardInterrupt (main thread only; elsewhere none arrive)."""
+    interrupts = _Interrupts()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupts
+        return
+
+    def count(signum, frame) -> None:
+        interrupts.count += 1
+
+    previous = signal.signal(signal.SIGINT, count)
+    try:
+        yield interrupts
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _abort(control, thread: threading.Thread) -> None:
+    """Stop the run now: Ray Train's controller kills its workers and exits (as on Ray's own Ctrl-C)."""
+    import ray
+
+    with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
+        controller = ray.get(control.get_controller.remote(), timeout=30)
+        if controller is not None:
+            ray.get(controller.abort.remote(), timeout=60)
+    thread.join(timeout=60)
+
+
+@contextlib.contextmanager
+def _progress_drained(progress, on_progress):
+    """Hand the leader's progress records to ``on_progress`` from a daemon thread while the block runs."""
     if progress is None:
-        return trainer.fit()
+        yield
+        return
     from ray.util.queue import Empty
 
     finished = threading.Event()
@@ -148,7 +252,7 @@ def _fit(trainer, progress, on_progress):
     reader = threading.Thread(target=drain, name="progress", daemon=True)
     reader.start()
     try:
-        return trainer.fit()
+        yield
     finally:
         finished.set()
         reader.join(timeout=2)
@@ -171,6 +275,7 @@ def _connect(config: RunConfig) -> None:
     if ray.is_initialized():
         return
     address = config.runner.address or os.environ.get("RAY_ADDRESS")
+    _owner_only_auth_token(create=address is None)
     try:
         ray.init(
             address=address,
@@ -187,6 +292,30 @@ def _connect(config: RunConfig) -> None:
             f"runner.address: cannot connect to Ray at {where} ({str(error).splitlines()[0]}); "
             "check the address, or leave it unset to start a local cluster"
         ) from None
+
+
+def _owner_only_auth_token(create: bool) -> None:
+    """Keep the cluster's auth token readable by its owner only.
+
+    A new local cluster (``ray.init()``) writes ``~/.ray/auth_token`` world-readable
+    when none exists: make it first, 0600, the way Ray makes it (``secrets.token_hex(32)``);
+    tighten a token file of ours that others can read.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if create and not path.exists() and "RAY_AUTH_TOKEN_PATH" not in os.environ:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it meanwhile: tightened below
+            pass
+        else:
+            with os.fdopen(handle, "w") as token:
+                token.write(secrets.token_hex(32))
+    with contextlib.suppress(OSError):
+        if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
 
 
 def _driver_runtime_env(env_vars: dict[str, str]) -> dict[str, Any] | None:
@@ -288,6 +417,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     from metarec_dist.dist.checkpoint import read_checkpoint, write_checkpoint
     from metarec_dist.dist.collective import TorchCollective
+    from metarec_dist.dist.deepspeed_ops import load_deepspeed_ops
     from metarec_dist.dist.optimizer import WorkerOptimizer
     from metarec_dist.meta.trainer import Trainer, load_training_data
 
@@ -295,12 +425,26 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     config = RunConfig.model_validate(loop_config["config"])
     plan = DomainPlan.from_json(loop_config["plan"])
     progress = loop_config.get("progress")  # a ray.util.queue.Queue to the driver, or None
+    control = loop_config["control"]
     collective = TorchCollective()
+    rank = collective.rank
+    node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+
+    def phase(name: str, detail: str = "") -> None:  # for the driver's start-up watchdog
+        control.phase.remote(rank, node, name, detail)
+
+    phase(STARTING, f"pid {os.getpid()}")
     torch.set_num_threads(config.runner.cpus_per_worker)
+    stop = StopAgreement(config.runner.collective_timeout_s)
+    asked_to_stop = StopPoll(control) if rank == 0 else (lambda: False)
 
     try:
         # Build: the target and this worker's own sources, nothing else.
-        data = load_training_data(config, plan.shard(collective.rank))
+        phase("loading data", f"the target and {len(plan.shard(rank))} sources from {config.data.store}")
+        data = load_training_data(config, plan.shard(rank))
+        if config.runner.zero_stage is not None:
+            load_deepspeed_ops(phase)
+        phase("building the model and optimizer")
         trainer = Trainer(
             config, data, progress=False, collective=collective,
             make_optimizer=lambda model, lrs, cfg: WorkerOptimizer(model, lrs, cfg, data.target, collective),
@@ -308,13 +452,15 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         # Restore: this run's last checkpoint (a worker was replaced), else the run being resumed.
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
+            phase("restoring", "the run's last checkpoint")
             with checkpoint.as_directory() as directory:
                 step = read_checkpoint(Path(directory), trainer, trainer.optimizer, plan)
-            log.warning("worker %d restored from its run's checkpoint at step %d", collective.rank, step)
+            log.warning("worker %d restored from its run's checkpoint at step %d", rank, step)
         elif loop_config.get("resume_from"):
+            phase("restoring", f"the checkpoint {loop_config['resume_from']}")
             read_checkpoint(Path(loop_config["resume_from"]), trainer, trainer.optimizer, plan)
     except MetarecError as error:  # the same config everywhere: every worker fails here alike
-        _report_final(collective.rank, {ERROR_FILE: json.dumps({"error": str(error)}).encode()})
+        _report_final(rank, {ERROR_FILE: json.dumps({"error": str(error)}).encode()})
         return
 
     # Loop: every worker reports at every validation and checkpoint (reports synchronise).
@@ -324,39 +470,63 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         ray.train.report({"step": entry["step"], "train_loss": entry["train_loss"], **entry["valid"]})
 
     def after_step(step: int) -> None:
-        if progress is not None and collective.rank == 0:
+        if progress is not None and rank == 0:
             try:
                 progress.put_nowait(trainer.progress_record(step))
             except Full:  # nobody is reading (the driver went away): progress is optional
                 pass
-        if every and step % every == 0 and step < config.train.steps and not trainer.loop.stopped:
+        stopping = stop.should_stop(asked_to_stop())
+        if stopping or (every and step % every == 0 and step < config.train.steps and not trainer.loop.stopped):
+            _checkpoint(step, stopping)
+        if stopping:
+            raise _StopRequested
+
+    def _checkpoint(step: int, stopping: bool) -> None:
+        try:
             with tempfile.TemporaryDirectory() as directory:
                 write_checkpoint(Path(directory), trainer, trainer.optimizer, plan)
+                if stopping and rank == 0:
+                    (Path(directory) / INTERRUPTED_FILE).write_text(json.dumps({"step": step}))
                 ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(directory))
+        except OSError as error:  # a full or unwritable disk: a retry would fail the same way
+            where = error.filename or config.runner.storage_path or "the run's storage"
+            message = (f"the checkpoint of step {step} could not be written to {where} ({error.strerror}); "
+                       f"the checkpoint before it is intact: make room (or set runner.storage_path), then "
+                       f"continue with metarec-dist train --resume RUN_DIR")
+            control.fail.remote(message)  # the driver stops the run: Ray would retry it in vain
+            raise CheckpointError(message) from None
 
+    phase(TRAINING)
     try:
         outcome = trainer.run(on_validation=report_validation, after_step=after_step)
+    except _StopRequested:
+        return  # the driver reads the interruption from the checkpoint just reported
     except TrainingError as error:
         # Every worker sees the same losses, so all of them stop here together; reporting the
         # error (instead of raising) keeps Ray from retrying a run that would fail again, and
         # the last good checkpoint stays in storage.
-        _report_final(collective.rank, {ERROR_FILE: json.dumps({"error": str(error)}).encode()})
+        _report_final(rank, {ERROR_FILE: json.dumps({"error": str(error)}).encode()})
         return
     except Exception as error:  # gloo's RuntimeError, or Ray Train's CollectiveTimeoutError at a report
         if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
             raise
         # A collective another worker never reached: say who waited, and where.
         raise RuntimeError(
-            f"worker {collective.rank} {STALL_MARK} {trainer.loop.step + 1}: a collective waited "
+            f"worker {rank} {STALL_MARK} {trainer.loop.step + 1}: a collective waited "
             f"{config.runner.collective_timeout_s} s for a worker that never reached it "
             f"({str(error).strip().splitlines()[0]})"
         ) from None
+    stop.close()
 
     # Report: the leader's results and best weights travel as the final checkpoint.
     model = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in outcome.best_state.items()}, model)
-    _report_final(collective.rank, {RESULTS_FILE: json.dumps(outcome.results or {}).encode(),
-                                    MODEL_FILE: model.getvalue()})
+    _report_final(rank, {RESULTS_FILE: json.dumps(outcome.results or {}).encode(),
+                         MODEL_FILE: model.getvalue()})
+
+
+class _StopRequested(Exception):
+    """Raised by a worker's step hook once every worker has agreed to stop (a checkpoint is written)."""
 
 
 def _report_final(rank: int, files: dict[str, bytes]) -> None:

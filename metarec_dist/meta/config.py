@@ -53,6 +53,11 @@ class RunnerConfig(StrictModel):
         300, ge=10, description="a collective (torch's, or Ray Train's barrier at each report) one worker "
         "never reaches fails after this; keep it above the time of one validation pass or checkpoint write"
     )
+    startup_timeout_s: int = Field(
+        300, ge=10, description="stop the run, naming the worker and what it waits on, when a worker is not "
+        "training this long after the run (or a restart after a failure) began; generous for a first build "
+        "of DeepSpeed's CPU op"
+    )
     checkpoint_every: int = Field(50, ge=0, description="checkpoint every this many meta-steps (0: never)")
     max_failures: int = Field(2, ge=0, description="worker failures to recover from, each from the last checkpoint")
     zero_stage: Literal[0, 1, 2] | None = Field(

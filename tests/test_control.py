@@ -1,0 +1,141 @@
+"""The driver's control of a run: the start-up watchdog's verdicts, the workers' stop agreement,
+the DeepSpeed op build that a killed build cannot block, and the Ray internals these rely on."""
+
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch.multiprocessing as mp
+
+from metarec_dist.dist.control import STARTING, TRAINING, RunControl, overdue_message
+
+
+def test_the_watchdog_is_quiet_while_everyone_trains_or_the_wait_is_short():
+    control = RunControl(workers=2)
+    control.phase(0, "n0", STARTING)
+    assert overdue_message(control.status(), timeout_s=60) is None  # still within the time
+    control.phase(0, "n0", TRAINING)
+    control.phase(1, "n1", TRAINING)
+    assert overdue_message({**control.status(), "waiting_s": 1e9}, timeout_s=60) is None
+
+
+def test_the_watchdog_names_the_waiting_worker_its_node_and_what_it_waits_on():
+    control = RunControl(workers=2)
+    control.phase(0, "n0", TRAINING)
+    control.phase(1, "host-b (10.0.0.2)", "waiting for a lock", "/x/metarec-build.lock, held by pid 42 on host-b")
+    message = overdue_message({**control.status(), "waiting_s": 301}, timeout_s=300)
+    assert message.startswith("worker 1 on node host-b (10.0.0.2) is not training after 301 s: waiting for a lock "
+                              "/x/metarec-build.lock, held by pid 42 on host-b; ")
+    assert "runner.startup_timeout_s" in message and "\n" not in message
+
+
+def test_the_watchdog_names_a_worker_that_never_started_and_ray_trains_state():
+    control = RunControl(workers=2)
+    control.set_train_state("SchedulingState")
+    control.phase(0, "n0", TRAINING)
+    message = overdue_message({**control.status(), "waiting_s": 400}, timeout_s=300)
+    assert message.startswith("worker 1 did not start after 400 s: Ray Train is in SchedulingState")
+    assert "runner.workers x runner.cpus_per_worker" in message
+
+
+def test_a_replaced_worker_group_starts_a_new_start_up_wait():
+    control = RunControl(workers=2)
+    control.phase(0, "n0", TRAINING)
+    control.phase(1, "n1", TRAINING)
+    control.waiting_since -= 1000  # the run has been going for a while
+    control.phase(1, "n1", STARTING)  # Ray Train restarted the group after a failure
+    status = control.status()
+    assert status["waiting_s"] < 5 and set(status["ranks"]) == {1}
+    control.phase(0, "n0", TRAINING)
+    control.waiting_since -= 1000
+    control.set_train_state("RestartingState")
+    assert control.status()["ranks"] == {} and control.status()["waiting_s"] < 5
+
+
+def _stop_in_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from metarec_dist.dist.control import StopAgreement
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    stop = StopAgreement(timeout_s=60)
+    asked_at = 4 if rank == 1 else None  # only rank 1 is asked, at step 4
+    stopped_at = next(step for step in range(1, 20) if stop.should_stop(step == asked_at))
+    quiet = StopAgreement(timeout_s=60)
+    never = [quiet.should_stop(False) for _ in range(5)]
+    quiet.close()
+    with open(f"{out}/rank{rank}.json", "w") as file:
+        json.dump({"stopped_at": stopped_at, "never": never}, file)
+    dist.destroy_process_group()
+
+
+def test_every_worker_stops_at_the_same_step_one_after_any_of_them_was_asked(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_stop_in_rank, args=(port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {"stopped_at": 5, "never": [False] * 5}
+
+
+def test_ray_train_takes_the_controller_callback_it_relies_on():
+    """Fails loudly when Ray Train's internal callback hooks move (checked against Ray 2.60)."""
+    import inspect
+
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+    from ray.train.v2._internal.execution.controller.controller import TrainController
+
+    from metarec_dist.dist.control import controller_callbacks
+
+    (callback,) = controller_callbacks(control=None)
+    assert isinstance(callback, ControllerCallback)
+    assert RayRunConfig(callbacks=[callback]).callbacks == [callback]
+    for hook in ("after_controller_start", "after_controller_state_update"):
+        assert list(inspect.signature(getattr(ControllerCallback, hook)).parameters) == \
+               list(inspect.signature(getattr(type(callback), hook)).parameters)
+    assert "abort" in vars(TrainController)  # what the driver calls to stop a run at once
+
+
+LOAD = textwrap.dedent("""
+    import pathlib, sys
+    from metarec_dist.dist.deepspeed_ops import load_deepspeed_ops
+    load_deepspeed_ops(lambda phase, detail: print(phase, detail, flush=True))
+    # deepspeed.initialize asks for the op again: it must come from DeepSpeed's cache, not torch's lock.
+    pathlib.Path(sys.argv[1], "deepspeed_shm_comm", "lock").touch()
+    from deepspeed.comm.torch import build_shm_op
+    assert build_shm_op() is not None
+    print("loaded", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_a_build_lock_left_by_a_killed_build_is_cleared_and_a_live_one_is_waited_for(tmp_path):
+    """torch's lock file with no live builder: removed and built again. The package's own lock held
+    by a live process: waited for, naming the holder."""
+    extensions = tmp_path / "extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()  # what a build killed half-way leaves
+    environment = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    with open(extensions / "metarec-build.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242 on the-test\n")
+        held.flush()
+        loader = subprocess.Popen([sys.executable, "-c", LOAD, str(extensions)], env=environment,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        waiting = loader.stdout.readline()
+        assert waiting.startswith(f"waiting for a lock {extensions / 'metarec-build.lock'}, held by pid 4242 "
+                                  "on the-test"), waiting
+        assert loader.poll() is None  # still waiting while the lock is held
+    out, err = loader.communicate(timeout=600)
+    assert loader.returncode == 0, err
+    assert out.splitlines()[0].startswith("compiling DeepSpeed's deepspeed_shm_comm op")
+    assert out.splitlines()[-1] == "loaded"
+    assert "a build of DeepSpeed's deepspeed_shm_comm was killed half-way" in err
+    assert (extensions / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file()
