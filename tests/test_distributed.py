@@ -348,12 +348,13 @@ class _RunFailed(Exception):
 def test_a_stalled_collective_is_reported_before_a_worker_ray_lost():
     from metarec_dist.dist.runner import _user_error
 
+    storage = Path("/storage")
     lost = RuntimeError("The actor 91f5 is unavailable: RpcError: keepalive watchdog timeout")
     stalled = RuntimeError("Traceback ...\nRuntimeError: worker 1 stalled at meta-step 37: a collective waited 15 s")
-    assert str(_user_error(_RunFailed({0: lost, 1: stalled}))).startswith("worker 1 stalled at meta-step 37")
-    only_lost = str(_user_error(_RunFailed({0: lost})))
+    assert str(_user_error(_RunFailed({0: lost, 1: stalled}), storage)).startswith("worker 1 stalled at meta-step 37")
+    only_lost = str(_user_error(_RunFailed({0: lost}), storage))
     assert only_lost.startswith("worker 0 stopped responding") and "keepalive watchdog timeout" in only_lost
-    assert str(_user_error(_RunFailed({1: ValueError("boom")}))) == "worker 1 failed: boom"
+    assert str(_user_error(_RunFailed({1: ValueError("boom")}), storage)) == "worker 1 failed: boom"
 
 
 def test_a_stopped_run_resumes_on_another_number_of_workers(ray_cluster, synthetic_store, tmp_path, capsys):

@@ -132,7 +132,7 @@ def train_distributed(
         with _progress_drained(progress, on_progress):
             result = _supervised_fit(trainer, control, runner.startup_timeout_s)
     except TrainingFailedError as error:
-        raise _user_error(error) from None
+        raise _user_error(error, runner.storage_path or storage_dir) from None
     finally:
         ray.kill(control)
     if result.checkpoint is None:
@@ -368,14 +368,20 @@ def _use_gpu(setting: bool | str) -> bool:
 STALL_MARK = "stalled at meta-step"  # in the error a worker raises when a collective timed out
 
 
-def _user_error(error: Exception) -> MetarecError:
-    """The most useful worker failure, as one line.
+def _user_error(error: Exception, storage: Path) -> MetarecError:
+    """The most useful failure, as one line.
 
-    In order: an error the user can fix (any rank); a worker that waited in a
-    collective (it names the meta-step); a worker Ray lost contact with (frozen,
-    killed, out of memory); else the first failure, naming its rank. A frozen
-    worker shows up as either of the middle two, whichever Ray notices first.
+    Ray Train's controller failing to write the run's state to ``storage`` (a
+    full or read-only disk); else, of the workers' failures, in order: an error
+    the user can fix (any rank); a worker that waited in a collective (it names
+    the meta-step); a worker Ray lost contact with (frozen, killed, out of
+    memory); else the first failure, naming its rank. A frozen worker shows up
+    as either of the middle two, whichever Ray notices first.
     """
+    controller_failure = getattr(error, "controller_failure", None)
+    if isinstance(controller_failure, OSError):
+        return CheckpointError(not_written_message("Ray Train's record of the run's checkpoints", storage,
+                                                   controller_failure))
     failures = sorted((getattr(error, "worker_failures", {}) or {}).items())
     for rank, failure in failures:
         cause: BaseException | None = failure
@@ -398,6 +404,13 @@ def _user_error(error: Exception) -> MetarecError:
         rank, line = next(iter(last_lines.items()))
         return TrainingError(f"worker {rank} failed: {line}")
     return TrainingError(f"the Ray Train run failed: {str(error).strip().splitlines()[0]}")
+
+
+def not_written_message(what: str, where: Path | str, error: OSError) -> str:
+    """One line for a checkpoint write that failed (pyarrow's OSErrors carry the errno, not its text)."""
+    reason = os.strerror(error.errno) if error.errno else str(error).splitlines()[0]
+    return (f"{what} could not be written to {where} ({reason}); the checkpoint before it is intact: "
+            f"make room there (or set runner.storage_path), then continue with metarec-dist train --resume RUN_DIR")
 
 
 def _lost_contact(line: str) -> bool:
@@ -489,10 +502,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
                     (Path(directory) / INTERRUPTED_FILE).write_text(json.dumps({"step": step}))
                 ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(directory))
         except OSError as error:  # a full or unwritable disk: a retry would fail the same way
-            where = error.filename or config.runner.storage_path or "the run's storage"
-            message = (f"the checkpoint of step {step} could not be written to {where} ({error.strerror}); "
-                       f"the checkpoint before it is intact: make room (or set runner.storage_path), then "
-                       f"continue with metarec-dist train --resume RUN_DIR")
+            where = error.filename or ray.train.get_context().get_storage().experiment_fs_path
+            message = not_written_message(f"the checkpoint of step {step}", where, error)
             control.fail.remote(message)  # the driver stops the run: Ray would retry it in vain
             raise CheckpointError(message) from None
 

@@ -1,0 +1,273 @@
+"""A stopped run never makes the next one hang: SIGKILL anywhere, Ctrl-C, a full disk.
+
+Each run is the ``metarec-dist train`` command in its own session, as a user
+starts it, on its own local Ray cluster; the tests signal the whole session
+as a terminal would, and check that no process of it survives.
+"""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_config
+from metarec_dist.dist.checkpoint import is_complete, latest_complete
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "metarec_dist"]
+# Long enough that ten killed starts of one run do not finish it.
+TRAIN = {"steps": 300, "batch_size": 16, "eval_every": 20, "learning_rate": 0.003, "patience": 100}
+RUNNER = {"workers": 2, "checkpoint_every": 10, "max_failures": 0, "collective_timeout_s": 60}
+
+
+class Run:
+    """One ``metarec-dist train`` process in a session of its own; stderr kept in a file."""
+
+    def __init__(self, args, cwd: Path, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.started = time.monotonic()
+        with open(log, "w") as stderr:
+            self.process = subprocess.Popen([*CLI, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                            stderr=stderr, text=True, start_new_session=True)
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, condition, timeout_s: float = 300) -> bool:
+        """Poll ``condition()`` until it holds (True) or the process has ended (False)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            if self.process.poll() is not None:
+                return False
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting; stderr:\n{self.stderr()}")
+
+    def signal_session(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def finish(self, timeout_s: float = 600) -> tuple[int, str]:
+        stdout, _ = self.process.communicate(timeout=timeout_s)
+        return self.process.returncode, stdout
+
+    def kill_and_reap(self) -> None:
+        """SIGKILL the session, then wait until none of its processes is left."""
+        self.signal_session(signal.SIGKILL)
+        self.process.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while session_processes(self.process.pid):
+            assert time.monotonic() < deadline, f"left running: {session_processes(self.process.pid)}"
+            time.sleep(0.2)
+
+
+def session_processes(session: int) -> list[str]:
+    listing = subprocess.run(["ps", "-eo", "sid=,pid=,stat=,comm="], capture_output=True, text=True).stdout
+    return [line for line in listing.splitlines()
+            if line.split()[0] == str(session) and not line.split()[2].startswith("Z")]
+
+
+@pytest.fixture(scope="module")
+def workspace(synthetic_store, tmp_path_factory):
+    """A config and the environment of the runs."""
+    base = tmp_path_factory.mktemp("faults")
+    config = write_config(base, synthetic_store, train=TRAIN, runner=RUNNER)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return base, config, env
+
+
+@pytest.fixture(scope="module")
+def unbroken(workspace):
+    """The results of the same run, never interrupted."""
+    base, config, env = workspace
+    run = Run(["train", str(config), "--set", f"output_dir={base / 'unbroken'}"], base, env, base / "unbroken.log")
+    code, _ = run.finish()
+    assert code == 0, run.stderr()
+    (run_dir,) = (base / "unbroken").iterdir()
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def run_directories(output: Path) -> list[Path]:
+    return sorted(output.iterdir()) if output.is_dir() else []
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    return [state.parent for state in (run_dir / "ray").glob("**/state.json") if is_complete(state.parent)]
+
+
+def assert_same_as_unbroken(run_dir: Path, unbroken: dict) -> None:
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps_run"] == unbroken["steps_run"] == TRAIN["steps"]
+    assert [entry["step"] for entry in results["history"]] == [entry["step"] for entry in unbroken["history"]]
+    # Restored parameters, optimizer moments and random streams: the same numbers, up to summation order.
+    assert results["test"]["NDCG@10"] == pytest.approx(unbroken["test"]["NDCG@10"], abs=1e-3)
+
+
+def test_sigkill_at_any_point_then_resume_or_restart_always_finishes_as_an_unbroken_run(workspace, unbroken):
+    """Ten kills of the whole session: during imports, Ray's start, DeepSpeed's first build, the
+    workers' start-up, training, checkpoint writing and evaluation; then the run finishes."""
+    base, config, env = workspace
+    output = base / "killed"
+    extensions = base / "killed-extensions"  # the first start compiles DeepSpeed's op: kill it mid-build
+    env = {**env, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    rng = random.Random(0)
+
+    def validations(run: Run) -> int:
+        return len(re.findall(r"^step \d+/", run.stderr(), re.MULTILINE))
+
+    def checkpoints() -> int:
+        return len(list(output.glob("*/ray/*/checkpoint_*")))
+
+    def after(seconds: float) -> bool:
+        time.sleep(seconds)
+        return True
+
+    # Where each kill lands: a condition on the run (and the checkpoints there were when it started).
+    points = [
+        ("imports", lambda run, before, t=rng.uniform(0.3, 1.5): time.monotonic() - run.started > t),
+        ("Ray's start", lambda run, before: "training on 2 Ray Train workers" in run.stderr()),
+        ("DeepSpeed's first build", lambda run, before: (extensions / "deepspeed_shm_comm").is_dir()),
+        ("a worker's start-up", lambda run, before, t=rng.uniform(8, 11): time.monotonic() - run.started > t
+         and (extensions / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists()),
+        ("training", lambda run, before, t=rng.uniform(0, 0.5): validations(run) >= 1 and after(t)),
+        ("checkpoint writing", lambda run, before: checkpoints() > before),
+        ("training", lambda run, before, t=rng.uniform(0.2, 1.0): validations(run) >= 1 and after(t)),
+        ("right after a validation", lambda run, before: validations(run) >= 2),
+        ("checkpoint writing", lambda run, before: checkpoints() > before + 1),
+        ("the final evaluation", lambda run, before: f"step {TRAIN['steps']}/" in run.stderr()),
+    ]
+    killed = []
+    for index, (where, condition) in enumerate(points):
+        run_dir = next((d for d in run_directories(output) if complete_checkpoints(d)), None)
+        args = (["train", "--resume", str(run_dir)] if run_dir else
+                ["train", str(config), "--set", f"output_dir={output}"])
+        run, before = Run(args, base, env, base / f"kill-{index}.log"), checkpoints()
+        assert run.wait_for(lambda run=run, before=before, condition=condition: condition(run, before)), \
+            f"the run ended before the kill {where}: {run.stderr()}"
+        run.kill_and_reap()
+        killed.append(where)
+    run_dir = next(d for d in run_directories(output) if complete_checkpoints(d))
+    assert not (run_dir / "results.json").exists()
+    run = Run(["train", "--resume", str(run_dir)], base, env, base / "final.log")
+    code, _ = run.finish()
+    assert code == 0, run.stderr()
+    assert not list(extensions.glob("*/lock")), "a build lock was left behind"
+    assert_same_as_unbroken(run_dir, unbroken)
+
+
+def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_prints_the_resume_command(workspace, unbroken):
+    base, config, env = workspace
+    output = base / "ctrl-c"
+    run = Run(["train", str(config), "--set", f"output_dir={output}"], base, env, base / "ctrl-c.log")
+    assert run.wait_for(lambda: any(complete_checkpoints(d) for d in run_directories(output)))
+    run.signal_session(signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole foreground group
+    code, _ = run.finish()
+    err = run.stderr()
+    assert code == 130, err
+    (run_dir,) = run_directories(output)
+    command = f"metarec-dist train --resume {run_dir}"
+    assert f"continue with:\n  {command}\n" in err
+    record = json.loads((run_dir / "interrupted.json").read_text())
+    assert record["continue_with"] == command and record["stopped_after_step"] == record["checkpoint_step"]
+    assert str(latest_complete(run_dir / "ray")) == record["checkpoint"]
+    assert not (run_dir / "results.json").exists()
+
+    resumed = Run(command.split()[1:], base, env, base / "ctrl-c-resume.log")
+    code, _ = resumed.finish()
+    assert code == 0, resumed.stderr()
+    assert_same_as_unbroken(run_dir, unbroken)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_a_resumable_run(workspace, unbroken):
+    base, config, env = workspace
+    output = base / "ctrl-c-twice"
+    run = Run(["train", str(config), "--set", f"output_dir={output}"], base, env, base / "twice.log")
+    assert run.wait_for(lambda: any(complete_checkpoints(d) for d in run_directories(output)))
+    run.signal_session(signal.SIGINT)
+    time.sleep(0.05)
+    run.signal_session(signal.SIGINT)
+    stopped = time.monotonic()
+    code, _ = run.finish()
+    assert time.monotonic() - stopped < 60
+    err = run.stderr()
+    assert code == 130, err
+    assert re.search(r"interrupted: (stopped at once; the newest complete checkpoint is of step \d+|every worker "
+                     r"stopped after step \d+ and wrote a checkpoint); continue with:", err), err
+    (run_dir,) = run_directories(output)
+    assert (run_dir / "interrupted.json").is_file()
+    resumed = Run(["train", "--resume", str(run_dir)], base, env, base / "twice-resume.log")
+    code, _ = resumed.finish()
+    assert code == 0, resumed.stderr()
+    assert_same_as_unbroken(run_dir, unbroken)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 16 MiB tmpfs the test mounts (CI runs as root), unmounted afterwards."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); needs root")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write to ``directory`` until its file system is full; returns the filler file."""
+    filler = directory / "filler"
+    with open(filler, "wb") as stream:
+        try:
+            while True:
+                stream.write(b"\0" * 65536)
+                stream.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.parametrize("fault", ["disk full", "read-only"])
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_the_path_and_keeps_the_last_one(
+    workspace, unbroken, small_tmpfs, fault
+):
+    base, config, env = workspace
+    output = base / f"storage-{fault.replace(' ', '-')}"
+    run = Run(["train", str(config), "--set", f"output_dir={output}", "--set", f"runner.storage_path={small_tmpfs}"],
+              base, env, base / f"{fault}.log")
+    assert run.wait_for(lambda: bool(latest_complete(small_tmpfs)))
+    if fault == "disk full":
+        filler = fill(small_tmpfs)
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    code, _ = run.finish()
+    err = run.stderr()
+    assert code == 2, err
+    error = err.strip().splitlines()[-1]
+    reason = "No space left on device" if fault == "disk full" else "Read-only file system"
+    assert re.match(rf"error: (the checkpoint of step \d+|Ray Train's record of the run's checkpoints) could not be "
+                    rf"written to {re.escape(str(small_tmpfs))}\S* \({reason}\); the checkpoint before it is intact",
+                    error), err
+    last = latest_complete(small_tmpfs)
+    assert last is not None and is_complete(last)
+
+    if fault == "disk full":
+        filler.unlink()
+    else:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
+    (run_dir,) = run_directories(output)
+    resumed = Run(["train", "--resume", str(run_dir)], base, env, base / f"{fault}-resume.log")
+    code, _ = resumed.finish()
+    assert code == 0, resumed.stderr()
+    assert_same_as_unbroken(run_dir, unbroken)
