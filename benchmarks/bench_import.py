@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+
 from metarec_dist.machine import machine_description
 
 REPO = Path(__file__).resolve().parent.parent

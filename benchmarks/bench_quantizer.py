@@ -48,8 +48,8 @@ def main() -> None:
         sub = sub.reshape(items, books, width // books)
         codebooks = torch.randn(books, codewords, width // books, generator=generator) * 0.1
         same = bool(torch.equal(dense_search(sub, codebooks), nearest_codewords(sub, codebooks)))
-        dense, _ = timed(lambda: dense_search(sub, codebooks), args.repeats)
-        chunked, _ = timed(lambda: nearest_codewords(sub, codebooks), args.repeats)
+        dense, _ = timed(lambda sub=sub, codebooks=codebooks: dense_search(sub, codebooks), args.repeats)
+        chunked, _ = timed(lambda sub=sub, codebooks=codebooks: nearest_codewords(sub, codebooks), args.repeats)
         rows.append({"items": items, "codebook": f"{books} x {codewords}", "dense_s": dense,
                      "chunked_s": chunked, "speedup": dense / chunked, "same_codes": same})
     print(format_table(rows, ["items", "codebook", "dense_s", "chunked_s", "speedup", "same_codes"]))

@@ -56,10 +56,11 @@ from metarec_dist.allocator import keep_freed_memory
 from metarec_dist.config import load_config
 from metarec_dist.data.store import DomainStore
 from metarec_dist.data.synthetic import SyntheticConfig, generate_store
-from metarec_dist.dist.runner import source_plan, train_distributed
+from metarec_dist.distributed.runner import source_plan, train_distributed
 from metarec_dist.machine import machine_description
-from metarec_dist.meta.config import RunConfig, RunnerConfig
-from metarec_dist.meta.trainer import Trainer, load_training_data
+from metarec_dist.meta.config import ExperimentConfig, RunnerConfig
+from metarec_dist.meta.trainer import Trainer
+from metarec_dist.meta.training_data import load_training_data
 from metarec_dist.report.run_directory import write_json
 from metarec_dist.report.tables import format_table
 
@@ -83,8 +84,8 @@ MODELS = {
 
 
 def run_config(store: DomainStore, sources: list[str], workers: int, steps: int, tasks: int, workdir: Path,
-               model: str = "quickstart") -> RunConfig:
-    return load_config(RunConfig, QUICKSTART, [
+               model: str = "quickstart") -> ExperimentConfig:
+    return load_config(ExperimentConfig, QUICKSTART, [
         f"data.store={store.root}", f"data.sources={sources}", f"train.steps={steps}",
         f"train.eval_every={steps // 2}", "train.patience=10", f"meta.tasks_per_step={tasks}",
         f"runner.workers={workers}", "runner.checkpoint_every=0",
@@ -121,12 +122,12 @@ def _train_in_process(config_json: dict, results: multiprocessing.Queue) -> None
     """Child process: the run's meta-training here, one thread, no Ray; puts its rate on ``results``."""
     keep_freed_memory()  # as every metarec-dist process does
     torch.set_num_threads(1)
-    config = RunConfig.model_validate(config_json)
+    config = ExperimentConfig.model_validate(config_json)
     outcome = Trainer(config, load_training_data(config), progress=False).run()
     results.put(second_half_rate(outcome.results["history"]))
 
 
-def in_process_rate(config: RunConfig, beside: RunConfig | None = None) -> float:
+def in_process_rate(config: ExperimentConfig, beside: ExperimentConfig | None = None) -> float:
     """Meta-steps/s of ``config`` trained without Ray, optionally with ``beside`` training in a second process.
 
     The second run is given twice the steps and stopped when the measured one
@@ -241,8 +242,8 @@ def main() -> None:
                 "one": ray_run(store, plan.shard(0), workers=1, model=model),
                 "loaded": ray_run(store, plan.shard(0), workers=1, model=model, loaded=True),
                 "two": ray_run(store, sources, workers=2, model=model),
-                "no_ray_alone": lambda: {"meta_steps_per_s": in_process_rate(own)},
-                "no_ray_beside": lambda: {"meta_steps_per_s": in_process_rate(own, beside=other)},
+                "no_ray_alone": lambda own=own: {"meta_steps_per_s": in_process_rate(own)},
+                "no_ray_beside": lambda own=own, other=other: {"meta_steps_per_s": in_process_rate(own, beside=other)},
             }, args.repeats)
             record("weak", runs["one"])
             record("weak", runs["loaded"], loaded=True)

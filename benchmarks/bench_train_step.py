@@ -44,14 +44,15 @@ def measure(config_path: Path, overrides: list[str], setting: dict, steps: int) 
     """One setting, in this process: mean time of `steps` training steps, and one validation pass."""
     from metarec_dist.allocator import keep_freed_memory
     from metarec_dist.config import load_config
-    from metarec_dist.meta.config import RunConfig
-    from metarec_dist.meta.trainer import Trainer, load_training_data
+    from metarec_dist.meta.config import ExperimentConfig
+    from metarec_dist.meta.trainer import Trainer
+    from metarec_dist.meta.training_data import load_training_data
 
     if setting["keep_freed_memory"]:
         keep_freed_memory()
     overrides = [*overrides, f"model.precision={setting['precision']}",
                  f"model.encoder.group_by_length={setting['group_by_length']}"]
-    config = load_config(RunConfig, config_path, overrides)
+    config = load_config(ExperimentConfig, config_path, overrides)
     trainer = Trainer(config, load_training_data(config), progress=False)
     for step in range(5):  # warm-up: allocator, kernels
         trainer._target_step(step)

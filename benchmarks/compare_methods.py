@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 from metarec_dist.config import load_config
-from metarec_dist.meta.config import RunConfig
-from metarec_dist.meta.trainer import Trainer, load_training_data
+from metarec_dist.meta.config import ExperimentConfig
+from metarec_dist.meta.trainer import Trainer
+from metarec_dist.meta.training_data import load_training_data
 from metarec_dist.report.run_directory import write_json
 from metarec_dist.report.tables import format_table
 
@@ -62,7 +63,7 @@ def main() -> None:
     started = time.perf_counter()
     for label, overrides in runs_to_make(args):
         for seed in args.seeds:
-            config = load_config(RunConfig, args.config, [*args.overrides, *overrides, f"train.seed={seed}"])
+            config = load_config(ExperimentConfig, args.config, [*args.overrides, *overrides, f"train.seed={seed}"])
             data = load_training_data(config)
             results = Trainer(config, data, progress=False).run().results
             results.pop("history")
@@ -91,7 +92,8 @@ def main() -> None:
     print(f"total {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores ({platform.processor() or 'cpu'})")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.output, {"config": str(args.config), "overrides": args.overrides, "table": rows, "runs": records})
+        write_json(args.output, {"config": str(args.config), "overrides": args.overrides, "table": rows,
+                                 "runs": records})
         print(f"wrote {args.output}")
 
 

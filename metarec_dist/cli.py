@@ -204,9 +204,10 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from metarec_dist.config import load_config
-    from metarec_dist.meta.config import RunConfig
+    from metarec_dist.meta.config import ExperimentConfig
     from metarec_dist.meta.saved_run import MODEL_FILE
-    from metarec_dist.meta.trainer import Trainer, load_training_data
+    from metarec_dist.meta.trainer import Trainer
+    from metarec_dist.meta.training_data import check_domains_present, load_training_data
     from metarec_dist.report.plots import write_plots
     from metarec_dist.report.progress import ProgressPrinter
     from metarec_dist.report.run_directory import create_run_dir, save_state, write_json, write_yaml
@@ -221,8 +222,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = _resumed_config(run_dir, args.overrides)
         resume_from = _last_checkpoint(run_dir, config)
     else:
-        config = load_config(RunConfig, args.config, args.overrides)
-    data = load_training_data(config)  # fails on a missing domain before anything is written
+        config = load_config(ExperimentConfig, args.config, args.overrides)
+    check_domains_present(config)  # fails on a missing domain before anything is written
     if resume_from is None:
         run_dir = create_run_dir(config.output_dir, f"{config.method}-{config.data.target}")
         write_yaml(run_dir / "config.yaml", config.model_dump(mode="json"))
@@ -235,14 +236,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     try:
         print(f"run directory: {run_dir}", file=sys.stderr)
         if config.runner.workers == 1 and resume_from is None:
-            trainer = Trainer(config, data, progress=sys.stderr.isatty())
+            trainer = Trainer(config, load_training_data(config), progress=sys.stderr.isatty())
             log_step = (lambda step: tensorboard(trainer.progress_record(step))) if tensorboard else None
             try:
                 outcome = trainer.run(after_step=log_step)
             except KeyboardInterrupt:
                 raise RunInterrupted(None) from None
         else:
-            from metarec_dist.dist.runner import train_distributed
+            from metarec_dist.distributed.runner import train_distributed
 
             where = f", resuming from {resume_from}" if resume_from else ""
             print(f"training on {config.runner.workers} Ray Train workers{where}", file=sys.stderr)
@@ -280,7 +281,7 @@ def _record_interruption(run_dir: Path, config, step: int | None, args: argparse
     import shlex
     import time
 
-    from metarec_dist.dist.checkpoint import latest_complete
+    from metarec_dist.distributed.checkpoint import latest_complete
     from metarec_dist.report.run_directory import unused_path, write_json
 
     distributed = config.runner.workers > 1 or args.resume is not None
@@ -316,7 +317,7 @@ def _resumed_config(run_dir: Path, overrides: list[str]):
 
 
 def _last_checkpoint(run_dir: Path, config) -> Path:
-    from metarec_dist.dist.checkpoint import latest_complete
+    from metarec_dist.distributed.checkpoint import latest_complete
 
     storage = config.runner.storage_path or run_dir / "ray"
     checkpoint = latest_complete(storage)

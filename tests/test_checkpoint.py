@@ -6,15 +6,16 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import write_config
+
 from metarec_dist.config import load_config
-from metarec_dist.dist.checkpoint import is_complete, latest_complete, read_checkpoint, write_checkpoint
-from metarec_dist.dist.collective import TorchCollective
-from metarec_dist.dist.optimizer import WorkerOptimizer
-from metarec_dist.dist.runner import source_plan
-from metarec_dist.meta.config import RunConfig
-from metarec_dist.meta.trainer import Trainer, load_training_data
+from metarec_dist.distributed.checkpoint import is_complete, latest_complete, read_checkpoint, write_checkpoint
+from metarec_dist.distributed.collective import TorchCollective
+from metarec_dist.distributed.optimizer import WorkerOptimizer
+from metarec_dist.distributed.runner import source_plan
+from metarec_dist.meta.config import ExperimentConfig
+from metarec_dist.meta.trainer import Trainer
+from metarec_dist.meta.training_data import load_training_data
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_resuming_from_a_checkpoint_continues_exactly_where_the_run_stopped(
     path = write_config(tmp_path, synthetic_store, train={"steps": 8, "batch_size": 16, "eval_every": 2,
                                                           "learning_rate": 0.003, "patience": 10},
                         meta={"tasks_per_step": 2, "inner_lr": 0.1, "learned_inner_lr": True})
-    config = load_config(RunConfig, path, [f"runner.zero_stage={'null' if zero_stage is None else zero_stage}"])
+    config = load_config(ExperimentConfig, path, [f"runner.zero_stage={'null' if zero_stage is None else zero_stage}"])
     checkpoint = tmp_path / "checkpoint-5"
 
     unbroken, plan = build(config, one_process_group)
@@ -76,7 +77,7 @@ def test_resuming_from_a_checkpoint_continues_exactly_where_the_run_stopped(
 
 
 def test_a_checkpoint_missing_a_workers_files_is_incomplete(one_process_group, synthetic_store, tmp_path):
-    config = load_config(RunConfig, write_config(tmp_path, synthetic_store), ["runner.zero_stage=null"])
+    config = load_config(ExperimentConfig, write_config(tmp_path, synthetic_store), ["runner.zero_stage=null"])
     trainer, plan = build(config, one_process_group)
     trainer.run()
     checkpoint = tmp_path / "checkpoint"

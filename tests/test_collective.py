@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 def _gather_in_rank(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from metarec_dist.dist.collective import SMALL_OBJECT_BYTES, TorchCollective
+    from metarec_dist.distributed.collective import SMALL_OBJECT_BYTES, TorchCollective
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     calls, real = [], dist.all_gather
@@ -31,7 +31,7 @@ def _gather_in_rank(rank: int, port: int, out: str) -> None:
 
 
 def test_all_gather_object_takes_one_round_for_small_objects_and_two_for_large_ones(tmp_path):
-    from metarec_dist.dist.collective import SMALL_OBJECT_BYTES
+    from metarec_dist.distributed.collective import SMALL_OBJECT_BYTES
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -1,5 +1,6 @@
 """Typed configs: unknown keys and impossible values fail loudly, overrides parse as YAML."""
 
+import pydantic
 import pytest
 
 from metarec_dist.config import load_config, parse_override
@@ -50,5 +51,5 @@ def test_override_without_equals_sign_is_rejected():
 
 def test_configs_are_immutable():
     config = SyntheticConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.seed = 3

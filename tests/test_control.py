@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch.multiprocessing as mp
 
-from metarec_dist.dist.control import STARTING, TRAINING, RunControl, overdue_message
+from metarec_dist.distributed.control import STARTING, TRAINING, RunControl, overdue_message
 
 
 def test_the_watchdog_is_quiet_while_everyone_trains_or_the_wait_is_short():
@@ -59,7 +59,7 @@ def test_a_replaced_worker_group_starts_a_new_start_up_wait():
 def _stop_in_rank(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from metarec_dist.dist.control import StopAgreement
+    from metarec_dist.distributed.control import StopAgreement
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     stop = StopAgreement(timeout_s=60)
@@ -87,15 +87,15 @@ def test_ray_train_takes_the_controller_callback_it_relies_on():
     """Fails loudly when Ray Train's internal callback hooks move (checked against Ray 2.60)."""
     import inspect
 
-    from ray.train import RunConfig as RayRunConfig
+    from ray.train import RunConfig
     from ray.train.v2._internal.execution.callback import ControllerCallback
     from ray.train.v2._internal.execution.controller.controller import TrainController
 
-    from metarec_dist.dist.control import controller_callbacks
+    from metarec_dist.distributed.control import controller_callbacks
 
     (callback,) = controller_callbacks(control=None)
     assert isinstance(callback, ControllerCallback)
-    assert RayRunConfig(callbacks=[callback]).callbacks == [callback]
+    assert RunConfig(callbacks=[callback]).callbacks == [callback]
     for hook in ("after_controller_start", "after_controller_state_update"):
         assert list(inspect.signature(getattr(ControllerCallback, hook)).parameters) == \
                list(inspect.signature(getattr(type(callback), hook)).parameters)
@@ -104,7 +104,7 @@ def test_ray_train_takes_the_controller_callback_it_relies_on():
 
 LOAD = textwrap.dedent("""
     import pathlib
-    from metarec_dist.dist.deepspeed_ops import SHM_OP, TORCH_LOCK, extensions_directory, load_deepspeed_ops
+    from metarec_dist.distributed.deepspeed_ops import SHM_OP, TORCH_LOCK, extensions_directory, load_deepspeed_ops
     load_deepspeed_ops(lambda phase, detail: print(phase, detail, flush=True))
     # deepspeed.initialize asks for the op again: it must come from DeepSpeed's cache, not behind torch's lock.
     lock = extensions_directory() / SHM_OP / TORCH_LOCK
@@ -122,7 +122,7 @@ LOAD = textwrap.dedent("""
 def test_the_build_lock_of_a_live_builder_is_waited_for_and_the_loaded_op_bypasses_torchs_lock():
     """The package's build lock held by a live process: waited for, naming the holder; then the op
     loads, and DeepSpeed's own request for it never waits on torch's lock file."""
-    from metarec_dist.dist.deepspeed_ops import BUILD_LOCK, extensions_directory
+    from metarec_dist.distributed.deepspeed_ops import BUILD_LOCK, extensions_directory
 
     lock = extensions_directory() / BUILD_LOCK  # this environment's: a build here is shared with the suite
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def test_the_build_lock_of_a_live_builder_is_waited_for_and_the_loaded_op_bypass
 
 
 def test_the_local_clusters_auth_token_is_made_and_kept_readable_by_its_owner_only(tmp_path, monkeypatch):
-    from metarec_dist.dist.runner import _owner_only_auth_token
+    from metarec_dist.distributed.runner import _owner_only_auth_token
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):

@@ -5,15 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from metarec_dist.dist.optimizer import deepspeed_config
+from metarec_dist.distributed.optimizer import deepspeed_config
 from metarec_dist.errors import ConfigError
-from metarec_dist.meta.config import RunConfig
+from metarec_dist.meta.config import ExperimentConfig
 
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
 
 def run_config(**runner):
-    return RunConfig(data={"target": "t", "sources": ["a"]}, train={"learning_rate": 0.01, "weight_decay": 0.1},
+    return ExperimentConfig(data={"target": "t", "sources": ["a"]}, train={"learning_rate": 0.01, "weight_decay": 0.1},
                      runner=runner)
 
 
@@ -48,11 +48,13 @@ def test_a_deepspeed_file_without_an_engine_is_refused(tmp_path):
 
 def test_options_that_would_bend_the_update_are_refused_before_any_worker_starts(synthetic_store, tmp_path, capsys):
     from conftest import write_config
+
     from metarec_dist.cli import main
 
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}))
-    config = write_config(tmp_path, synthetic_store, runner={"workers": 2, "zero_stage": 2, "deepspeed_config": str(bad)})
+    config = write_config(tmp_path, synthetic_store,
+                          runner={"workers": 2, "zero_stage": 2, "deepspeed_config": str(bad)})
     assert main(["train", str(config)]) == 2  # no Ray cluster is started for this
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: runner.deepspeed_config:") and "gradient_accumulation_steps" in error

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_tensorboard_matches_results, random_batch, write_config
-from metarec_dist.meta.config import RunConfig
+
+from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.step import MetaConfig, TaskBatch, meta_step
 from metarec_dist.model.encoder import EncoderConfig
 from metarec_dist.model.recommender import ModelConfig, SequenceRecommender
@@ -61,13 +61,13 @@ def task(source):
 
 
 def run_config(zero_stage, **runner):
-    return RunConfig(data={"target": "t", "sources": SOURCES}, train={"learning_rate": LEARNING_RATE},
+    return ExperimentConfig(data={"target": "t", "sources": SOURCES}, train={"learning_rate": LEARNING_RATE},
                      runner={"zero_stage": zero_stage, **runner})
 
 
 def worker_with_own_sources():
     """In a Ray Train worker: its collective, its own sources and a model holding only those."""
-    from metarec_dist.dist.collective import TorchCollective
+    from metarec_dist.distributed.collective import TorchCollective
 
     collective = TorchCollective()
     own = [s for s in SOURCES if OWNER[s] == collective.rank]
@@ -99,7 +99,7 @@ def counted_all_reduces():
 
 def meta_step_worker(loop_config):
     """A Ray Train worker: its own sources only, the torch.distributed collective, the worker optimizer."""
-    from metarec_dist.dist.optimizer import WorkerOptimizer
+    from metarec_dist.distributed.optimizer import WorkerOptimizer
 
     collective, own, model = worker_with_own_sources()
     optimizer = WorkerOptimizer(model, [], run_config(loop_config["zero_stage"]), "t", collective)
@@ -180,7 +180,7 @@ def deepspeed_group_worker(loop_config):
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    from metarec_dist.dist.optimizer import WorkerOptimizer
+    from metarec_dist.distributed.optimizer import WorkerOptimizer
 
     collective, _, model = worker_with_own_sources()
     WorkerOptimizer(model, [], run_config(2, collective_timeout_s=10), "t", collective)  # builds the engine
@@ -199,8 +199,7 @@ def deepspeed_group_worker(loop_config):
 
 def test_deepspeed_collectives_time_out_after_the_runs_collective_timeout(ray_cluster, tmp_path):
     """DeepSpeed's own copy of the world group would wait torch's default 30 minutes."""
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train import ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     TorchTrainer(
@@ -208,7 +207,7 @@ def test_deepspeed_collectives_time_out_after_the_runs_collective_timeout(ray_cl
         train_loop_config={"out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
         torch_config=TorchConfig(backend="gloo", timeout_s=120),
-        run_config=RayRunConfig(storage_path=str(tmp_path / "ray")),
+        run_config=RunConfig(storage_path=str(tmp_path / "ray")),
     ).fit()
     result = json.loads((tmp_path / "outcome.json").read_text())
     assert result["outcome"] == "timed out"
@@ -259,7 +258,7 @@ def kill_one_worker_after_a_checkpoint(storage, deadline_s=240, sig=None):
 
     import psutil
 
-    from metarec_dist.dist.checkpoint import latest_complete
+    from metarec_dist.distributed.checkpoint import latest_complete
 
     killed = []
 
@@ -346,7 +345,7 @@ class _RunFailed(Exception):
 
 
 def test_a_stalled_collective_is_reported_before_a_worker_ray_lost():
-    from metarec_dist.dist.runner import _user_error
+    from metarec_dist.distributed.runner import _user_error
 
     storage = Path("/storage")
     lost = RuntimeError("The actor 91f5 is unavailable: RpcError: keepalive watchdog timeout")
@@ -420,13 +419,13 @@ def test_two_hundred_fifty_six_source_domains_train_on_two_workers(ray_cluster, 
 
 def sharded_ranks_worker(loop_config):
     """A Ray Train worker: ranks users rank::world of the store's target, gathers every worker's ranks."""
+    import numpy as np
+
     from metarec_dist.data.splits import leave_one_out
     from metarec_dist.data.store import DomainStore
-    from metarec_dist.dist.collective import TorchCollective
+    from metarec_dist.distributed.collective import TorchCollective
     from metarec_dist.eval.full_ranking import EvalConfig
     from metarec_dist.meta.evaluation import rank_users
-
-    import numpy as np
 
     collective = TorchCollective()
     domain = DomainStore(loop_config["store"]).open("syn-target")

@@ -104,7 +104,8 @@ def test_training_reduces_the_loss(overrides):
 
 
 def test_rows_are_encoded_at_the_next_power_of_two_of_their_span_within_the_batch_width():
-    assert [encoded_length(span, 50) for span in (1, 2, 3, 4, 5, 9, 16, 17, 33, 50)] == [1, 2, 4, 4, 8, 16, 16, 32, 50, 50]
+    spans = (1, 2, 3, 4, 5, 9, 16, 17, 33, 50)
+    assert [encoded_length(span, 50) for span in spans] == [1, 2, 4, 4, 8, 16, 16, 32, 50, 50]
     assert encoded_length(20, 24) == 24
     groups = length_groups([3, 50, 2, 4, 3, 49, 1], 50)
     assert groups == {1: [6], 2: [2], 4: [0, 3, 4], 50: [1, 5]}

@@ -115,4 +115,5 @@ def test_exported_pieces_reproduce_the_evaluation_top_10(finished_run, tmp_path,
     excluded = [np.unique(row[row > 0]) - 1 for row in histories]
     expected = search_excluding(searcher, queries, 10, excluded).rows + 1
     assert json.loads(served.stdout) == expected.tolist()
-    assert excluded_rows(split.test_history, users[:1], split.test_item, saved.data.catalogs[target], saved.config.eval) is not None
+    catalog = saved.data.catalogs[target]
+    assert excluded_rows(split.test_history, users[:1], split.test_item, catalog, saved.config.eval) is not None

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_config
-from metarec_dist.dist.checkpoint import is_complete, latest_complete
+
+from metarec_dist.distributed.checkpoint import is_complete, latest_complete
 
 pytestmark = pytest.mark.slow
 
@@ -143,16 +143,18 @@ def test_sigkill_at_any_point_then_resume_or_restart_always_finishes_as_an_unbro
         time.sleep(seconds)
         return True
 
+    imports_s, start_up_s, training_s, later_training_s = (
+        rng.uniform(0.3, 1.5), rng.uniform(8, 11), rng.uniform(0, 0.4), rng.uniform(0.1, 0.4))
     # Where each kill lands: a condition on the run (and the checkpoints there were when it started).
     points = [
-        ("imports", lambda run, before, t=rng.uniform(0.3, 1.5): time.monotonic() - run.started > t),
+        ("imports", lambda run, before: time.monotonic() - run.started > imports_s),
         ("Ray's start", lambda run, before: "training on 2 Ray Train workers" in run.stderr()),
         ("DeepSpeed's first build", lambda run, before: (extensions / "deepspeed_shm_comm").is_dir()),
-        ("a worker's start-up", lambda run, before, t=rng.uniform(8, 11): time.monotonic() - run.started > t
+        ("a worker's start-up", lambda run, before: time.monotonic() - run.started > start_up_s
          and (extensions / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists()),
-        ("training", lambda run, before, t=rng.uniform(0, 0.4): checkpoints() > before and after(t)),
+        ("training", lambda run, before: checkpoints() > before and after(training_s)),
         ("checkpoint writing", lambda run, before: checkpoints() > before),
-        ("training", lambda run, before, t=rng.uniform(0.1, 0.4): checkpoints() > before and after(t)),
+        ("training", lambda run, before: checkpoints() > before and after(later_training_s)),
         ("right after a validation", lambda run, before: validations(run) >= 2),
         ("checkpoint writing", lambda run, before: checkpoints() > before + 1),
         ("the final evaluation", lambda run, before: f"step {TRAIN['steps']}/" in run.stderr()),
@@ -286,7 +288,7 @@ def test_a_worker_stuck_at_start_up_stops_the_run_naming_it_and_the_token_stays_
     worker, its node, the lock and its holder. The run's new local cluster keeps its token 0600."""
     import fcntl
 
-    from metarec_dist.dist.deepspeed_ops import BUILD_LOCK
+    from metarec_dist.distributed.deepspeed_ops import BUILD_LOCK
 
     base, config, env = workspace
     extensions = tmp_path / "extensions"

@@ -26,7 +26,6 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from conftest import REPO_ROOT, write_config
 
 pytestmark = pytest.mark.slow

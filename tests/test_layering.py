@@ -1,13 +1,14 @@
 """Data flows one way: a subpackage imports only from those to its left.
 
-    config, errors, data, eval  ->  model  ->  meta  ->  dist  ->  report, cli
+    config, errors, data, eval  ->  model  ->  meta  ->  distributed  ->  report, cli
 """
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "metarec_dist"
-LAYERS = {"errors": 0, "config": 0, "machine": 0, "allocator": 0, "data": 1, "eval": 1, "retrieval": 1, "model": 2, "meta": 3, "dist": 4, "report": 5, "cli": 6}
+LAYERS = {"errors": 0, "config": 0, "machine": 0, "allocator": 0, "data": 1, "eval": 1, "retrieval": 1,
+          "model": 2, "meta": 3, "distributed": 4, "report": 5, "cli": 6}
 
 
 def layer_of(module: str) -> int | None:

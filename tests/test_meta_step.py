@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import random_batch
+
 from metarec_dist.meta.step import (
     LOCAL,
     MetaConfig,
@@ -139,7 +139,8 @@ def test_weights_are_a_distribution_that_prefers_the_aligned_source():
     assert float(weights.sum()) == pytest.approx(1.0)
     assert weights[0] > 0.99
     flipped = task_weights(
-        torch.tensor([task_similarity(x, g, config.model_copy(update={"sign": "gradient"})) for x in (aligned, opposed)]),
+        torch.tensor([task_similarity(x, g, config.model_copy(update={"sign": "gradient"}))
+                      for x in (aligned, opposed)]),
         config,
     )
     assert flipped[1] > flipped[0]
@@ -149,7 +150,8 @@ def test_high_temperature_and_uniform_weighting_give_equal_weights():
     sims = torch.tensor([0.9, -0.5, 0.1])
     hot = task_weights(sims, MetaConfig(temperature=1e9))
     assert torch.allclose(hot, torch.full((3,), 1 / 3, dtype=torch.float64))
-    assert torch.equal(task_weights(sims, MetaConfig(weighting="uniform")), torch.full((3,), 1 / 3, dtype=torch.float64))
+    uniform = torch.full((3,), 1 / 3, dtype=torch.float64)
+    assert torch.equal(task_weights(sims, MetaConfig(weighting="uniform")), uniform)
 
 
 def test_centering_removes_what_every_task_adapts_alike():
@@ -188,7 +190,8 @@ def test_meta_step_applies_the_weighted_meta_gradient_with_the_optimizer():
     tasks = [TASK, TaskBatch("b", support=batch(9, 3), query=batch(12, 4))]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     results = [run_task(model, "t", task, config) for task in tasks]
-    weights = task_weights(torch.tensor([task_similarity(r.adaptation, r.meta_gradient, config) for r in results]), config)
+    similarities = torch.tensor([task_similarity(r.adaptation, r.meta_gradient, config) for r in results])
+    weights = task_weights(similarities, config)
     expected = combine([r.meta_gradient for r in results], weights)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     log = meta_step(model, optimizer, "t", tasks, config)

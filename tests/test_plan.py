@@ -2,7 +2,7 @@
 
 import pytest
 
-from metarec_dist.dist.plan import DomainPlan, plan_domains
+from metarec_dist.distributed.plan import DomainPlan, plan_domains
 from metarec_dist.errors import ConfigError
 
 

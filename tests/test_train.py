@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import SOURCES, assert_tensorboard_matches_results, write_config
 
 from metarec_dist.cli import main
 from metarec_dist.config import load_config
-from metarec_dist.meta.config import RunConfig
-from metarec_dist.meta.trainer import Trainer, load_training_data
+from metarec_dist.meta.config import ExperimentConfig
+from metarec_dist.meta.trainer import Trainer
+from metarec_dist.meta.training_data import load_training_data
 from metarec_dist.report.run_directory import load_state
-
-from conftest import SOURCES, assert_tensorboard_matches_results, write_config
 
 
 @pytest.mark.parametrize("method", ["metarec", "uniform", "joint", "target_only"])
@@ -67,7 +67,7 @@ def test_a_second_run_gets_its_own_directory(synthetic_store, tmp_path, capsys):
 
 
 def test_same_seed_gives_the_same_results(synthetic_store, tmp_path):
-    config = load_config(RunConfig, write_config(tmp_path, synthetic_store))
+    config = load_config(ExperimentConfig, write_config(tmp_path, synthetic_store))
     data = load_training_data(config)
     first = Trainer(config, data, progress=False).run().results
     second = Trainer(config, data, progress=False).run().results
@@ -86,9 +86,12 @@ def test_same_seed_gives_the_same_results(synthetic_store, tmp_path):
         (["method=maml"], "method"),
         (["train.selection_metric=NDCG@7"], "selection_metric"),
         (["data.sources=[]"], "needs at least one source"),
+        (["method=joint"], "train.pretrain_steps: joint pre-trains on the sources"),
     ],
 )
-def test_impossible_configs_are_rejected_up_front_naming_the_field(synthetic_store, tmp_path, capsys, overrides, message):
+def test_impossible_configs_are_rejected_up_front_naming_the_field(
+    synthetic_store, tmp_path, capsys, overrides, message
+):
     config = write_config(tmp_path, synthetic_store)
     argv = ["train", str(config)] + [arg for o in overrides for arg in ("--set", o)]
     assert main(argv) == 2
@@ -112,7 +115,7 @@ def test_training_reduces_loss_and_beats_popularity_on_real_data(shared_data, tm
 
     store = DomainStore(tmp_path / "store")
     import_file(shared_data / "LastFM.txt", store)
-    config = load_config(RunConfig, None, [
+    config = load_config(ExperimentConfig, None, [
         "method=target_only", f"data.store={store.root}", "data.target=LastFM", "model.width=32",
         "model.encoder.max_length=50", "train.steps=300", "train.batch_size=64", "train.eval_every=100",
         "train.learning_rate=0.002", f"output_dir={tmp_path / 'runs'}",
@@ -132,3 +135,19 @@ def test_training_reduces_loss_and_beats_popularity_on_real_data(shared_data, tm
     )
     assert outcome.results["test"]["NDCG@10"] > popular["NDCG@10"]
     assert outcome.results["test"]["HR@10"] > popular["HR@10"]
+
+
+def test_the_driver_checks_that_domains_exist_from_their_metadata_only(synthetic_store, tmp_path):
+    import shutil
+
+    from metarec_dist.config import load_config
+    from metarec_dist.meta.config import ExperimentConfig
+    from metarec_dist.meta.training_data import check_domains_present, load_training_data
+
+    store = tmp_path / "store"
+    shutil.copytree(synthetic_store.root, store)
+    (store / "syn-noise-00" / "sequences.parquet").write_bytes(b"not parquet")  # its meta.json is intact
+    config = load_config(ExperimentConfig, write_config(tmp_path, synthetic_store), [f"data.store={store}"])
+    check_domains_present(config)  # never reads a table
+    with pytest.raises(Exception, match="syn-noise-00|parquet|Parquet"):
+        load_training_data(config)  # what the driver used to do for every source

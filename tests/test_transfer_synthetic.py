@@ -10,8 +10,9 @@ import pytest
 from metarec_dist.config import load_config
 from metarec_dist.data.store import DomainStore
 from metarec_dist.data.synthetic import SyntheticConfig, generate_store
-from metarec_dist.meta.config import RunConfig
-from metarec_dist.meta.trainer import Trainer, load_training_data
+from metarec_dist.meta.config import ExperimentConfig
+from metarec_dist.meta.trainer import Trainer
+from metarec_dist.meta.training_data import load_training_data
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICKSTART = CONFIGS / "quickstart.yaml"
@@ -21,7 +22,7 @@ SYNTHETIC_TRANSFER = CONFIGS / "synthetic_transfer.yaml"
 def test_metarec_weights_related_sources_above_unrelated_and_noise_sources(tmp_path):
     store = DomainStore(tmp_path / "store")
     generate_store(SyntheticConfig(), store)
-    config = load_config(RunConfig, QUICKSTART, [f"data.store={store.root}", "train.steps=150",
+    config = load_config(ExperimentConfig, QUICKSTART, [f"data.store={store.root}", "train.steps=150",
                                                  "train.patience=10", f"output_dir={tmp_path / 'runs'}"])
     results = Trainer(config, load_training_data(config), progress=False).run().results
     by_kind: dict[str, list[float]] = {}
@@ -33,7 +34,7 @@ def test_metarec_weights_related_sources_above_unrelated_and_noise_sources(tmp_p
     assert mean["related"] > mean["unrelated"] and mean["related"] > mean["noise"]
 
 
-def _test_ndcg(config: RunConfig) -> float:
+def _test_ndcg(config: ExperimentConfig) -> float:
     return Trainer(config, load_training_data(config), progress=False).run().results["test"]["NDCG@10"]
 
 
@@ -50,10 +51,10 @@ def test_metarec_with_its_codebook_beats_target_only_at_ten_percent(tmp_path):
     generate_store(SyntheticConfig(target_items=300, source_items=(200, 600), source_users=(2000, 3000)), store)
     common = [f"data.store={store.root}", "train.threads=1", f"output_dir={tmp_path / 'runs'}"]
     seeds = (0, 1, 2)
-    target_only = [load_config(RunConfig, SYNTHETIC_TRANSFER, [*common, f"train.seed={seed}",
+    target_only = [load_config(ExperimentConfig, SYNTHETIC_TRANSFER, [*common, f"train.seed={seed}",
                                                                "method=target_only", "train.pretrain_steps=0"])
                    for seed in seeds]
-    metarec = [load_config(RunConfig, SYNTHETIC_TRANSFER, [*common, f"train.seed={seed}"]) for seed in seeds]
+    metarec = [load_config(ExperimentConfig, SYNTHETIC_TRANSFER, [*common, f"train.seed={seed}"]) for seed in seeds]
     assert all(config.model.use_vq and config.method == "metarec" for config in metarec)
     # Single-threaded runs give the same numbers in any process: run two at a time, one per
     # core, the longer MetaRec runs first.

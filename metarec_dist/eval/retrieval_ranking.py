@@ -35,7 +35,8 @@ QueryFn = Callable[[torch.Tensor], torch.Tensor]
 def excluded_rows(
     histories: SequenceView, rows: np.ndarray, targets: np.ndarray, num_items: int, config: EvalConfig
 ) -> list[np.ndarray] | None:
-    """Per user, the item rows (item id - 1) ``full_ranking.history_pairs`` excludes; None for ``exclude_seen: none``."""
+    """Per user, the item rows (item id - 1) ``full_ranking.history_pairs`` excludes;
+    None for ``exclude_seen: none``."""
     if config.exclude_seen == "none":
         return None
     owner, items = history_pairs(histories, rows, targets[rows], num_items, config.allow_repeats)

@@ -39,7 +39,7 @@ class TrainConfig(StrictModel):
 
 
 class RunnerConfig(StrictModel):
-    """Where the run executes (read by ``metarec_dist.dist``; plain data here so the config is one tree)."""
+    """Where the run executes (read by ``metarec_dist.distributed``; plain data here so the config is one tree)."""
 
     workers: int = Field(2, ge=1, description="Ray Train workers; 1 trains in this process, without Ray")
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPUs when the cluster has them")
@@ -71,7 +71,7 @@ class RunnerConfig(StrictModel):
     )
 
 
-class RunConfig(StrictModel):
+class ExperimentConfig(StrictModel):
     method: Literal["metarec", "uniform", "joint", "target_only"] = "metarec"
     data: DataConfig
     model: ModelConfig = ModelConfig()
@@ -82,7 +82,7 @@ class RunConfig(StrictModel):
     output_dir: Path = Field(Path("runs"), description="run directories are created inside")
 
     @model_validator(mode="after")
-    def _consistent(self) -> RunConfig:
+    def _consistent(self) -> ExperimentConfig:
         data = self.data
         if data.target in data.sources:
             raise ValueError(f"data.sources: the target '{data.target}' is also listed as a source")
@@ -92,6 +92,10 @@ class RunConfig(StrictModel):
             raise ValueError(f"data.sources: method '{self.method}' needs at least one source domain")
         if self.method == "target_only" and self.train.pretrain_steps:
             raise ValueError("train.pretrain_steps: target_only uses no sources; set it to 0")
+        if self.method == "joint" and not self.train.pretrain_steps:
+            raise ValueError("train.pretrain_steps: joint pre-trains on the sources for this many steps before "
+                             "fine-tuning on the target; with 0 it would train on the target alone (set it > 0, "
+                             "or use method target_only)")
         metric, _, k = self.train.selection_metric.partition("@")
         if metric not in ("HR", "NDCG", "MRR") or (k and int(k) not in self.eval.ks if k.isdigit() else bool(k)):
             raise ValueError(

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from metarec_dist.config import load_config
 from metarec_dist.errors import ConfigError
-from metarec_dist.meta.config import RunConfig
-from metarec_dist.meta.trainer import TrainingData, load_training_data
+from metarec_dist.meta.config import ExperimentConfig
+from metarec_dist.meta.training_data import TrainingData, load_training_data
 from metarec_dist.model.recommender import SequenceRecommender
 
 MODEL_FILE = "model.pt"
@@ -21,19 +21,19 @@ MODEL_FILE = "model.pt"
 @dataclass
 class SavedRun:
     run_dir: Path
-    config: RunConfig
+    config: ExperimentConfig
     data: TrainingData  # the target only
     model: SequenceRecommender  # the target's model, in eval mode
 
 
-def run_config(run_dir: Path, overrides: list[str] | tuple[str, ...], may_change: str, kind: str) -> RunConfig:
+def run_config(run_dir: Path, overrides: list[str] | tuple[str, ...], may_change: str, kind: str) -> ExperimentConfig:
     """A run directory's own ``config.yaml``, with ``overrides`` only under ``may_change`` (e.g. ``eval.``)."""
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); give a directory under runs/")
     for text in overrides:
         if not text.startswith(may_change):
             raise ConfigError(f"--set {text!r}: {kind} keeps its config; only {may_change}* may change")
-    return load_config(RunConfig, run_dir / "config.yaml", list(overrides))
+    return load_config(ExperimentConfig, run_dir / "config.yaml", list(overrides))
 
 
 def load_saved_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> SavedRun:

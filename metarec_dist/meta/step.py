@@ -17,7 +17,7 @@ Steps 3-5 are pure functions of tensors, so the distributed runner can
 compute s_i where the task ran, gather all s, take the softmax globally and
 reduce the weighted sums, and get the same update: ``meta_step`` takes a
 ``Collective`` (one process: ``LocalCollective``; Ray workers: the
-torch.distributed one in ``metarec_dist.dist``) and is the same code either way.
+torch.distributed one in ``metarec_dist.distributed``) and is the same code either way.
 
 Domain-local parameters: a source's item table and adapter learn from its own
 support loss (at theta); the target's learn from the weighted query losses.
@@ -25,8 +25,8 @@ support loss (at theta); the target's learn from the weighted query losses.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -305,7 +305,7 @@ def meta_step(
     the similarities of all tasks are gathered and the softmax taken over all
     of them; each process sets the gradients of its tasks weighted by their
     global weights, and ``optimizer.step()`` sums them over processes (a sum
-    over tasks, not an average over processes: ``metarec_dist.dist.optimizer``),
+    over tasks, not an average over processes: ``metarec_dist.distributed.optimizer``),
     so every process applies the same step to theta and the target's
     parameters, equal to one process running every task. A source's own
     parameters live, and are updated, only where it runs.

@@ -2,7 +2,7 @@
 
     load_training_data  ->  Trainer(config, data).run()  ->  TrainingOutcome
 
-Methods (``RunConfig.method``):
+Methods (``ExperimentConfig.method``):
 - ``metarec``: meta-steps with similarity-rescaled task weights;
 - ``uniform``: the same meta-steps with uniform weights (isolates the rescaling);
 - ``joint``: multi-source training through the shared VQ space
@@ -30,22 +30,21 @@ import logging
 import math
 import resource
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from metarec_dist.data.batches import NextItemBatch, next_item_batch, sample_rows
-from metarec_dist.data.sequences import SequenceView
-from metarec_dist.data.splits import LeaveOneOutSplit, leave_one_out, limit_target
-from metarec_dist.data.store import DomainStore
 from metarec_dist.errors import ConfigError, TrainingError
 from metarec_dist.eval.metrics import metrics_from_ranks
-from metarec_dist.meta.config import RunConfig
+from metarec_dist.meta.codebook_upkeep import codebook_health, reinit_dead_codes_everywhere
+from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.evaluation import rank_users
+from metarec_dist.meta.records import LoopState, SourceWeights, StepTime
+from metarec_dist.meta.sampling import BatchSampler
 from metarec_dist.meta.step import (
     LOCAL,
     Collective,
@@ -55,44 +54,10 @@ from metarec_dist.meta.step import (
     meta_step,
     reduced_names,
 )
+from metarec_dist.meta.training_data import TrainingData
 from metarec_dist.model.recommender import SequenceRecommender
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainingData:
-    target: str
-    split: LeaveOneOutSplit  # limited-target training rows; validation and test for every user
-    catalogs: dict[str, int]  # domain -> number of items
-    sources: dict[str, SequenceView]  # a source's whole sequences are training data
-
-
-def load_training_data(config: RunConfig, sources: list[str] | None = None) -> TrainingData:
-    """Open the target and the sources (default: all configured; a worker: its shard), nothing else."""
-    store = DomainStore(config.data.store)
-    opening = config.data.sources if sources is None else sources
-    wanted = [("data.target", config.data.target)] + [("data.sources", s) for s in opening]
-    for field_name, domain in wanted:
-        if domain not in store:
-            present = ", ".join(store.names()[:10]) or "none"
-            raise ConfigError(
-                f"{field_name}: domain '{domain}' is not in the store {store.root} (present: {present}); "
-                "import or generate it first"
-            )
-    target = store.open(config.data.target)
-    split = limit_target(
-        leave_one_out(target.sequences), config.data.limited_target_fraction, config.data.split_seed
-    )
-    opened = {name: store.open(name) for name in opening}
-    catalogs = {config.data.target: target.num_items}
-    catalogs.update({name: domain.num_items for name, domain in opened.items()})
-    return TrainingData(
-        target=config.data.target,
-        split=split,
-        catalogs=catalogs,
-        sources={name: domain.sequences for name, domain in opened.items()},
-    )
 
 
 @dataclass
@@ -102,82 +67,17 @@ class TrainingOutcome:
     model: SequenceRecommender
 
 
-@dataclass
-class LoopState:
-    """Where the main loop stands: with the parameters, all a resumed run needs (JSON-able)."""
-
-    step: int = 0  # main-phase steps done; pre-training is done once step > 0
-    best_metric: float = -math.inf
-    best_step: int = 0
-    best_valid: dict[str, float] = field(default_factory=dict)
-    stale: int = 0  # validations since the best
-    stopped: bool = False  # early stopping fired
-    history: list[dict[str, Any]] = field(default_factory=list)
-    pending_losses: list[float] = field(default_factory=list)  # since the last validation
-    seconds: float = 0.0  # training time spent before this process started
-
-
-@dataclass
-class StepTime:
-    """Where this process's main-step wall time went (since it started; for per-worker results)."""
-
-    steps: int = 0
-    total: float = 0.0
-    in_collectives: float = 0.0  # gathers and reductions, waiting for the slower worker included
-    in_encoder_engine: float = 0.0  # the DeepSpeed engine's backward and step, its collectives included
-
-    def per_step_ms(self) -> dict[str, float]:
-        per = 1000.0 / max(self.steps, 1)
-        return {"total": self.total * per, "in_collectives": self.in_collectives * per,
-                "in_encoder_engine": self.in_encoder_engine * per}
-
-
-@dataclass
-class _SourceWeights:
-    """Per-source weight bookkeeping: which sources the target listens to."""
-
-    total_relative: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    times_sampled: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def record(self, step: int, sources: list[str], similarities: list[float], weights: list[float]) -> None:
-        for source, weight in zip(sources, weights):
-            self.total_relative[source] += weight * len(sources)  # 1.0 = a uniform share
-            self.times_sampled[source] += 1
-        self.history.append({"step": step, "sources": sources, "similarities": similarities, "weights": weights})
-
-    def to_json(self) -> dict[str, Any]:
-        return {"total_relative": dict(self.total_relative), "times_sampled": dict(self.times_sampled),
-                "history": self.history}
-
-    def load_json(self, values: dict[str, Any]) -> None:
-        self.total_relative.clear()
-        self.total_relative.update(values["total_relative"])
-        self.times_sampled.clear()
-        self.times_sampled.update(values["times_sampled"])
-        self.history[:] = values["history"]
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        return {
-            source: {
-                "mean_relative_weight": self.total_relative[source] / self.times_sampled[source],
-                "times_sampled": self.times_sampled[source],
-            }
-            for source in sorted(self.times_sampled)
-        }
-
-
 class Trainer:
     def __init__(
         self,
-        config: RunConfig,
+        config: ExperimentConfig,
         data: TrainingData,
         progress: bool = True,
         collective: Collective = LOCAL,
         make_optimizer: OptimizerFactory | None = None,
     ):
         """``make_optimizer(model, inner_lrs, config)``: the optimizer; across workers its ``step``
-        sums the gradients over them (``metarec_dist.dist.optimizer``). Default: Adam in this process."""
+        sums the gradients over them (``metarec_dist.distributed.optimizer``). Default: Adam in this process."""
         self.config = config
         self.data = data
         self.collective = collective
@@ -186,7 +86,6 @@ class Trainer:
         if train.threads:
             torch.set_num_threads(train.threads)
         torch.manual_seed(train.seed)  # the same theta and target tables in every worker
-        self.rng = np.random.default_rng(train.seed + collective.rank)  # batches differ per worker
         catalogs = data.catalogs if config.method != "target_only" else {data.target: data.catalogs[data.target]}
         self.model = SequenceRecommender(config.effective_model, catalogs)
         if self.model.quantizer is not None:
@@ -200,8 +99,9 @@ class Trainer:
         self.training_rows = data.split.training_users
         if len(self.training_rows) == 0:
             raise ConfigError("data.limited_target_fraction: no target user keeps training data; raise it")
-        self.length = config.model.encoder.max_length
-        self.weights = _SourceWeights()
+        self.sampler = BatchSampler(data, self.training_rows, train.batch_size, config.model.encoder.max_length,
+                                    np.random.default_rng(train.seed + collective.rank))  # batches differ per worker
+        self.weights = SourceWeights()
         self.loop = LoopState()
         self.step_time = StepTime()
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -210,21 +110,37 @@ class Trainer:
     def _is_meta(self) -> bool:
         return self.config.method in ("metarec", "uniform")
 
-    # --- batches -------------------------------------------------------------------
+    # --- checkpoints ---------------------------------------------------------------
 
-    def _target_batch(self) -> NextItemBatch:
-        rows = sample_rows(self.training_rows, self.config.train.batch_size, self.rng)
-        return next_item_batch(self.data.split.train, rows, self.length)
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs of this trainer besides the model's parameters and the optimizer:
+        the loop position, per-source weights, the best state so far, learned inner rates and this
+        process's random streams (JSON-able values and tensors)."""
+        return {
+            "loop": asdict(self.loop),
+            "source_weights": self.weights.to_json(),
+            "best_state": dict(self.best_state or {}),
+            "inner_lrs": list(self.inner_lrs),
+            "random": {"sampler": self.sampler.rng.bit_generator.state, "torch": torch.get_rng_state().tolist()},
+        }
 
-    def _source_batch(self, source: str) -> NextItemBatch:
-        view = self.data.sources[source]
-        rows = sample_rows(np.arange(len(view)), self.config.train.batch_size, self.rng)
-        return next_item_batch(view, rows, self.length)
-
-    def _sample_sources(self) -> list[str]:
-        names = sorted(self.data.sources)
-        count = min(self.meta_config.tasks_per_step, len(names))
-        return [names[i] for i in self.rng.choice(len(names), size=count, replace=False)]
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``. ``state["random"]`` None (the run had another number of
+        workers): fresh, reproducible random streams from (seed, rank, step) instead."""
+        self.loop = LoopState(**state["loop"])
+        self.weights.load_json(state["source_weights"])
+        self.best_state = dict(state["best_state"]) or None
+        for rate, saved in zip(self.inner_lrs, state["inner_lrs"], strict=True):
+            rate.copy_(saved)
+        random = state["random"]
+        if random is not None:
+            self.sampler.rng.bit_generator.state = random["sampler"]
+            torch.set_rng_state(torch.tensor(random["torch"], dtype=torch.uint8))
+            return
+        seed, rank, step = self.config.train.seed, self.collective.rank, self.loop.step
+        self.sampler.rng = np.random.default_rng([seed, rank, step])
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
     # --- steps ---------------------------------------------------------------------
 
@@ -247,18 +163,19 @@ class Trainer:
     def _joint_step(self, step: int) -> float:
         """One batch from each sampled source, summed (pre-training / warm-up)."""
         losses = {}
-        for source in self._sample_sources():
-            batch = self._source_batch(source)
+        for source in self.sampler.sources(self.meta_config.tasks_per_step):
+            batch = self.sampler.source_batch(source)
             losses[source] = self.model(source, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)).loss
         return self._gradient_step(losses, step, average=False)
 
     def _target_step(self, step: int) -> float:
-        batch = self._target_batch()
+        batch = self.sampler.target_batch()
         loss = self.model(self.data.target, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)).loss
         return self._gradient_step({self.data.target: loss}, step, average=True)
 
     def _meta_step(self, step: int) -> float:
-        tasks = [TaskBatch(source, self._source_batch(source), self._target_batch()) for source in self._sample_sources()]
+        tasks = [TaskBatch(source, self.sampler.source_batch(source), self.sampler.target_batch())
+                 for source in self.sampler.sources(self.meta_config.tasks_per_step)]
         result = meta_step(
             self.model, self.optimizer, self.data.target, tasks, self.meta_config, self.inner_lrs, self.collective
         )
@@ -283,7 +200,7 @@ class Trainer:
         self.model.eval()
         try:
             ranks = rank_users(
-                self.model, self.data.target, self.data.split, stage, self.config.eval, self.length, users
+                self.model, self.data.target, self.data.split, stage, self.config.eval, self.sampler.max_length, users
             )
         finally:
             self.model.train()
@@ -320,7 +237,8 @@ class Trainer:
             loop.step = step
             if step % train.eval_every == 0 or step == train.steps:
                 entry = self._validate(step, started, leader)
-                bar.set_postfix(loss=f"{entry['train_loss']:.3f}", valid=f"{entry['valid'][train.selection_metric]:.4f}")
+                bar.set_postfix(loss=f"{entry['train_loss']:.3f}",
+                                valid=f"{entry['valid'][train.selection_metric]:.4f}")
                 if on_validation is not None:
                     on_validation(entry)
             else:
@@ -458,39 +376,22 @@ class Trainer:
     # --- the codebook at step boundaries ----------------------------------------------
 
     def _maybe_reinit_codes(self, step: int) -> None:
-        """Replace dead codewords, the same way in every worker.
-
-        Usage is summed over workers; the leader picks the replacements and its
-        codebook is broadcast, so theta stays identical everywhere.
-        """
         every = self.config.train.codebook_reinit_every
-        quantizer = self.model.quantizer
-        if quantizer is None or not every or step % every:
-            return
-        self.collective.all_reduce_sum_([quantizer.usage])
-        if self.collective.rank == 0:
-            quantizer.reinit_dead_codes()
-        else:
-            quantizer.usage.zero_()
-        self.collective.broadcast_(quantizer.codebooks.data, source=0)
-
-    def summed_codebook_usage(self) -> torch.Tensor:
-        """Codeword assignment counts since the last re-initialisation, summed over workers (a collective)."""
-        usage = self.model.quantizer.usage.clone()
-        self.collective.all_reduce_sum_([usage])
-        return usage
+        if self.model.quantizer is not None and every and step % every == 0:
+            reinit_dead_codes_everywhere(self.model.quantizer, self.collective)
 
     def _codebook_health(self) -> dict[str, Any]:
-        """Perplexity and dead codes over every worker's assignments since the last re-initialisation."""
         if self.model.quantizer is None:
             return {}
-        return {"codebook": self.model.quantizer.health(self.summed_codebook_usage())}
+        return {"codebook": codebook_health(self.model.quantizer, self.collective)}
 
 
-OptimizerFactory = Callable[[SequenceRecommender, list[torch.Tensor], RunConfig], torch.optim.Optimizer]
+OptimizerFactory = Callable[[SequenceRecommender, list[torch.Tensor], ExperimentConfig], torch.optim.Optimizer]
 
 
-def local_adam(model: SequenceRecommender, inner_lrs: list[torch.Tensor], config: RunConfig) -> torch.optim.Optimizer:
+def local_adam(
+    model: SequenceRecommender, inner_lrs: list[torch.Tensor], config: ExperimentConfig
+) -> torch.optim.Optimizer:
     """Adam over every parameter in this process (learned inner rates at their own rate)."""
     groups = [{"params": list(model.parameters())}]
     if inner_lrs:

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 
 class ProgressPrinter:
-    """Shows the leader's progress records (see ``metarec_dist.dist.runner``).
+    """Shows the leader's progress records (see ``metarec_dist.distributed.runner``).
 
     On a terminal: one tqdm bar (meta-step, steps/s and ETA from tqdm) with the
     last loss, validation metric and top sources. Elsewhere (logs, CI): one line

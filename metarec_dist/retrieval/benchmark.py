@@ -160,7 +160,8 @@ def run_retrieval_benchmark(plan: BenchPlan, progress: Callable[[dict], None] | 
         print(f"catalog {num_items:,} x {width}: generated in {time.perf_counter() - started:.1f} s", flush=True)
         flops_per_query = 2 * num_items * width
 
-        def row(label: str, build: float, seconds: float, memory: int, **extra) -> dict:
+        def row(label: str, build: float, seconds: float, memory: int, num_items=num_items, width=width,
+                queries=queries, **extra) -> dict:
             entry = {"items": num_items, "width": width, "norm_sigma": plan.norm_sigma, "queries": len(queries),
                      "k": plan.k, "searcher": label, "build_s": round(build, 3),
                      "queries_per_s": len(queries) / seconds, "memory_mb": round(memory / 2**20, 1), **extra}

@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
-from metarec_dist.dist.optimizer import WorkerOptimizer
-from metarec_dist.dist.plan import DomainPlan
+from metarec_dist.distributed.optimizer import WorkerOptimizer
+from metarec_dist.distributed.plan import DomainPlan
 from metarec_dist.errors import TrainingError
+from metarec_dist.meta.codebook_upkeep import summed_usage
 from metarec_dist.meta.step import reduced_names
-from metarec_dist.meta.trainer import LoopState, Trainer
+from metarec_dist.meta.trainer import Trainer
 
 FORMAT_VERSION = 1
 
@@ -46,6 +45,7 @@ def write_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimiz
     shared_moments, own_moments = optimizer.consolidated_state()  # gathers partitions: everyone calls
     codebook_usage = _codebook_usage(trainer)  # summed over workers: everyone calls
     state = trainer.model.state_dict()
+    trainer_state = trainer.state_dict()
     written: list[str] = []
 
     def save(name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -56,15 +56,16 @@ def write_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimiz
 
     if rank == 0:
         shared_names = reduced_names(trainer.model, trainer.data.target)
-        save("shared.pt", {**{n: state[n] for n in shared_names}, **_inner_rates(trainer), **codebook_usage})
+        inner_rates = {f"inner_lr.{index}": rate for index, rate in enumerate(trainer_state["inner_lrs"])}
+        save("shared.pt", {**{n: state[n] for n in shared_names}, **inner_rates, **codebook_usage})
         save("shared_optimizer.pt", shared_moments)
-        save("best.pt", trainer.best_state or {})
+        save("best.pt", trainer_state["best_state"])
         (directory / "state.json").write_text(json.dumps({
             "format": FORMAT_VERSION,
             "world_size": world_size,
-            "step": trainer.loop.step,
-            "loop": trainer.loop.__dict__,
-            "source_weights": trainer.weights.to_json(),
+            "step": trainer_state["loop"]["step"],
+            "loop": trainer_state["loop"],
+            "source_weights": trainer_state["source_weights"],
             "plan": json.loads(plan.to_json()),
         }))
         written.append("state.json")
@@ -74,10 +75,7 @@ def write_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimiz
             **{n: state[n] for n in names},
             **{k: v for k, v in own_moments.items() if k.rsplit("/", 1)[0] in names},
         })
-    (directory / f"rng-{rank}.json").write_text(json.dumps({
-        "sampler": trainer.rng.bit_generator.state,
-        "torch": torch.get_rng_state().tolist(),
-    }))
+    (directory / f"rng-{rank}.json").write_text(json.dumps(trainer_state["random"]))
     written.append(f"rng-{rank}.json")
     sizes = {name: (directory / name).stat().st_size for name in written}
     (directory / f"done-{rank}.json").write_text(json.dumps({"files": sizes}))
@@ -130,8 +128,6 @@ def read_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimize
     missing = trainer.model.load_state_dict(parameters, strict=False).missing_keys
     if missing:
         raise TrainingError(f"{directory}: checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
-    for index, rate in enumerate(trainer.inner_lrs):
-        rate.copy_(shared[f"inner_lr.{index}"])
     optimizer.load_consolidated_state(moments)
     quantizer = trainer.model.quantizer
     if quantizer is not None and USAGE in shared:
@@ -140,25 +136,15 @@ def read_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimize
         quantizer.usage.copy_(shared[USAGE] if rank == 0 else torch.zeros_like(quantizer.usage))
         quantizer.recent = shared.get(RECENT) if rank == 0 else None
 
-    trainer.loop = LoopState(**meta["loop"])
-    trainer.weights.load_json(meta["source_weights"])
-    best = load("best.pt")
-    trainer.best_state = best or None
-    _restore_random_streams(directory, trainer, same_world=meta["world_size"] == trainer.collective.world_size)
+    same_world = meta["world_size"] == trainer.collective.world_size  # else each rank's streams start anew
+    trainer.load_state_dict({
+        "loop": meta["loop"],
+        "source_weights": meta["source_weights"],
+        "best_state": load("best.pt"),
+        "inner_lrs": [shared[f"inner_lr.{index}"] for index in range(sum(k.startswith("inner_lr.") for k in shared))],
+        "random": json.loads((directory / f"rng-{rank}.json").read_text()) if same_world else None,
+    })
     return int(meta["step"])
-
-
-def _restore_random_streams(directory: Path, trainer: Trainer, same_world: bool) -> None:
-    rank = trainer.collective.rank
-    if same_world:
-        saved: dict[str, Any] = json.loads((directory / f"rng-{rank}.json").read_text())
-        trainer.rng.bit_generator.state = saved["sampler"]
-        torch.set_rng_state(torch.tensor(saved["torch"], dtype=torch.uint8))
-        return
-    # Another number of workers: fresh, reproducible streams for this rank from here on.
-    seed, step = trainer.config.train.seed, trainer.loop.step
-    trainer.rng = np.random.default_rng([seed, rank, step])
-    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
 
 USAGE, RECENT = "codebook_usage", "codebook_recent"
@@ -169,8 +155,4 @@ def _codebook_usage(trainer: Trainer) -> dict[str, torch.Tensor]:
     if quantizer is None:
         return {}
     recent = quantizer.recent
-    return {USAGE: trainer.summed_codebook_usage(), **({RECENT: recent} if recent is not None else {})}
-
-
-def _inner_rates(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {f"inner_lr.{index}": rate for index, rate in enumerate(trainer.inner_lrs)}
+    return {USAGE: summed_usage(quantizer, trainer.collective), **({RECENT: recent} if recent is not None else {})}

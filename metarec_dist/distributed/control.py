@@ -13,6 +13,7 @@ Workers agree on the step to stop at with ``StopAgreement``.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -106,8 +107,6 @@ class StopAgreement:
     """
 
     def __init__(self, timeout_s: float) -> None:
-        from datetime import timedelta
-
         self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self._flag = torch.zeros(1, dtype=torch.int32)
         self._pending = None
@@ -152,7 +151,7 @@ def controller_callbacks(control) -> list:
     the run) and each of its state changes (a restart begins a new start-up).
 
     ``ControllerCallback`` is internal to Ray Train (checked against Ray 2.60:
-    ``ray.train.v2._internal.execution.callback``); ``RunConfig(callbacks=...)``
+    ``ray.train.v2._internal.execution.callback``); ``ray.train.RunConfig(callbacks=...)``
     takes any ``RayTrainCallback``. tests/test_control.py fails if either changes.
     """
     import ray

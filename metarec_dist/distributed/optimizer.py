@@ -35,17 +35,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from metarec_dist.dist.deepspeed_ops import load_deepspeed_ops
+from metarec_dist.distributed.deepspeed_ops import load_deepspeed_ops
+from metarec_dist.distributed.deepspeed_private import give_deepspeed_a_world_group, link_zero_optimizer_state
 from metarec_dist.errors import ConfigError
-from metarec_dist.meta.config import RunConfig
+from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.step import Collective
 from metarec_dist.model.recommender import SequenceRecommender
 
@@ -83,7 +82,7 @@ class WorkerOptimizer:
         self,
         model: SequenceRecommender,
         inner_lrs: list[torch.Tensor],
-        config: RunConfig,
+        config: ExperimentConfig,
         target: str,
         collective: Collective,
     ):
@@ -112,7 +111,8 @@ class WorkerOptimizer:
         self.codebook_adam = None
         if self.codebooks is not None:
             books = self.codebooks.shape[0]
-            self.owned_codebooks = [m for m in range(books) if codebook_owner(m, collective.world_size) == collective.rank]
+            self.owned_codebooks = [m for m in range(books)
+                                    if codebook_owner(m, collective.world_size) == collective.rank]
             if self.owned_codebooks:
                 self.codebook_shard = torch.nn.Parameter(self.codebooks.detach()[self.owned_codebooks].clone())
                 self.codebook_adam = torch.optim.Adam([self.codebook_shard], **adam)
@@ -304,7 +304,7 @@ class WorkerOptimizer:
                 "exp_avg": torch.zeros_like(flat),
                 "exp_avg_sq": torch.zeros_like(flat),
             }
-        zero._lazy_init_hp_params_optimizer_state()
+        link_zero_optimizer_state(zero)
         for p in self.encoder_parameters:
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(p, state[f"{names[id(p)]}/{key}"], key)
@@ -317,7 +317,8 @@ class WorkerOptimizer:
         def count(optimizer) -> int:
             if optimizer is None:
                 return 0
-            return sum(v.numel() for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim())
+            return sum(v.numel() for state in optimizer.state.values() for v in state.values()
+                       if torch.is_tensor(v) and v.dim())
 
         return {
             "codebook": count(self.codebook_adam),
@@ -353,13 +354,14 @@ def _grad_or_zero(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p) if p.grad is None else p.grad
 
 
-def _deepspeed_engine(encoder: torch.nn.Module, config: RunConfig):
+def _deepspeed_engine(encoder: torch.nn.Module, config: ExperimentConfig):
     """The encoder in a DeepSpeed engine on the process group Ray Train set up."""
     load_deepspeed_ops()  # chooses the accelerator; never waits on a lock a killed build left
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    _world_group_for_deepspeed(config.runner.collective_timeout_s)
+    # Without this, a frozen worker would hang the other inside the ZeRO step for 30 minutes.
+    give_deepspeed_a_world_group(config.runner.collective_timeout_s)
     ds_config = deepspeed_config(config)
     try:
         engine, _, _, _ = deepspeed.initialize(
@@ -372,23 +374,6 @@ def _deepspeed_engine(encoder: torch.nn.Module, config: RunConfig):
     return engine
 
 
-def _world_group_for_deepspeed(timeout_s: int) -> None:
-    """Give DeepSpeed its copy of the world group, with the run's collective timeout.
-
-    DeepSpeed clones the world group with ``new_group`` and no timeout, i.e.
-    torch's 30 minutes: a frozen worker would hang the other inside the ZeRO
-    step for that long (measured: a 2-worker run still waiting after 7
-    minutes). DeepSpeed 0.19 keeps the clone in ``groups._WORLD_GROUP`` and
-    only makes one when it is None.
-    """
-    import torch.distributed as dist
-    from deepspeed.utils import groups
-
-    if getattr(groups, "_WORLD_GROUP", None) is None:
-        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())),
-                                             timeout=timedelta(seconds=timeout_s))
-
-
 # Keys that would change what one meta-step's update is (or its checkpointed state).
 UNSUPPORTED_DEEPSPEED_KEYS = (
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -396,7 +381,7 @@ UNSUPPORTED_DEEPSPEED_KEYS = (
 )
 
 
-def deepspeed_config(config: RunConfig) -> dict[str, Any]:
+def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
     """The engine's config: from ``runner.deepspeed_config`` if given, with the settings exactness needs."""
     runner, train = config.runner, config.train
     values: dict[str, Any] = {}

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
 # Objects gathered every step (a meta-step's similarities, a step's losses) pickle to a few
 # hundred bytes: in a buffer this size they take one all_gather, where torch's
 # all_gather_object always takes two (the sizes, then the payloads). Each round costs

@@ -6,7 +6,7 @@
              -> Trainer(..., TorchCollective(), WorkerOptimizer).run()
              -> report at validations and checkpoints; the leader reports results at the end
 
-Each worker tells a ``RunControl`` actor where it stands (``dist.control``); a
+Each worker tells a ``RunControl`` actor where it stands (``distributed.control``); a
 first Ctrl-C on the driver makes every worker stop at the same step boundary
 with a checkpoint, a second one (or the watchdog) aborts the run at once.
 
@@ -29,21 +29,28 @@ import signal
 import socket
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from metarec_dist.allocator import freed_memory_environment
 from metarec_dist.data.store import DomainStore
-from metarec_dist.dist.optimizer import deepspeed_config
-from metarec_dist.dist.plan import DomainPlan, plan_domains
-from metarec_dist.dist.control import (
-    STARTING, TRAINING, RunControl, StopAgreement, StopPoll, controller_callbacks, overdue_message,
+from metarec_dist.distributed.control import (
+    STARTING,
+    TRAINING,
+    RunControl,
+    StopAgreement,
+    StopPoll,
+    controller_callbacks,
+    overdue_message,
 )
+from metarec_dist.distributed.optimizer import deepspeed_config
+from metarec_dist.distributed.plan import DomainPlan, plan_domains
 from metarec_dist.errors import CheckpointError, ConfigError, MetarecError, RunInterrupted, TrainingError
-from metarec_dist.meta.config import RunConfig
+from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.saved_run import MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -61,7 +68,7 @@ class DistributedOutcome:
     plan: DomainPlan
 
 
-def source_plan(config: RunConfig) -> DomainPlan:
+def source_plan(config: ExperimentConfig) -> DomainPlan:
     """The domain plan for ``config.runner.workers``, from the store's counts (no tables are read)."""
     store = DomainStore(config.data.store)
     interactions = {name: int(store.open(name).meta["counts"]["interactions"]) for name in config.data.sources}
@@ -69,7 +76,7 @@ def source_plan(config: RunConfig) -> DomainPlan:
 
 
 def train_distributed(
-    config: RunConfig,
+    config: ExperimentConfig,
     storage_dir: Path,
     resume_from: Path | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
@@ -93,8 +100,7 @@ def train_distributed(
     _preflight(config, storage_dir)
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig, TrainingFailedError
-    from ray.train import RunConfig as RayRunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
@@ -119,7 +125,7 @@ def train_distributed(
             num_workers=runner.workers, use_gpu=use_gpu, resources_per_worker={"CPU": runner.cpus_per_worker}
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=runner.collective_timeout_s),
-        run_config=RayRunConfig(
+        run_config=RunConfig(
             name=_new_attempt_name(runner.storage_path or storage_dir),
             storage_path=str((runner.storage_path or storage_dir).resolve()),
             failure_config=FailureConfig(max_failures=runner.max_failures),
@@ -264,7 +270,7 @@ def _new_attempt_name(storage: Path) -> str:
     return next(f"attempt-{n}" for n in range(1, len(existing) + 2) if f"attempt-{n}" not in existing)
 
 
-def _connect(config: RunConfig) -> None:
+def _connect(config: ExperimentConfig) -> None:
     """Join ``runner.address`` (or RAY_ADDRESS), else start a quiet local cluster."""
     # The controller reads worker reports once per health check (2 s by default):
     # 0.2 s keeps per-validation reports from stalling the workers.
@@ -331,7 +337,7 @@ def _driver_runtime_env(env_vars: dict[str, str]) -> dict[str, Any] | None:
     return {"env_vars": own} if own else None
 
 
-def _preflight(config: RunConfig, storage_dir: Path) -> None:
+def _preflight(config: ExperimentConfig, storage_dir: Path) -> None:
     """Fail now, with the numbers, rather than wait forever for resources the cluster lacks."""
     import ray
 
@@ -354,7 +360,9 @@ def _preflight(config: RunConfig, storage_dir: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=storage):
             pass
     except OSError as error:
-        raise ConfigError(f"runner.storage_path: {storage} is not writable ({error.strerror}); choose another") from None
+        raise ConfigError(
+            f"runner.storage_path: {storage} is not writable ({error.strerror}); choose another"
+        ) from None
 
 
 def _use_gpu(setting: bool | str) -> bool:
@@ -383,7 +391,7 @@ def _user_error(error: Exception, storage: Path) -> MetarecError:
         return CheckpointError(not_written_message("Ray Train's record of the run's checkpoints", storage,
                                                    controller_failure))
     failures = sorted((getattr(error, "worker_failures", {}) or {}).items())
-    for rank, failure in failures:
+    for _rank, failure in failures:
         cause: BaseException | None = failure
         while cause is not None:
             if isinstance(cause, MetarecError):
@@ -428,14 +436,15 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
     from ray.util.queue import Full
 
-    from metarec_dist.dist.checkpoint import read_checkpoint, write_checkpoint
-    from metarec_dist.dist.collective import TorchCollective
-    from metarec_dist.dist.deepspeed_ops import load_deepspeed_ops
-    from metarec_dist.dist.optimizer import WorkerOptimizer
-    from metarec_dist.meta.trainer import Trainer, load_training_data
+    from metarec_dist.distributed.checkpoint import read_checkpoint, write_checkpoint
+    from metarec_dist.distributed.collective import TorchCollective
+    from metarec_dist.distributed.deepspeed_ops import load_deepspeed_ops
+    from metarec_dist.distributed.optimizer import WorkerOptimizer
+    from metarec_dist.meta.trainer import Trainer
+    from metarec_dist.meta.training_data import load_training_data
 
     # The same config and plan in every worker.
-    config = RunConfig.model_validate(loop_config["config"])
+    config = ExperimentConfig.model_validate(loop_config["config"])
     plan = DomainPlan.from_json(loop_config["plan"])
     progress = loop_config.get("progress")  # a ray.util.queue.Queue to the driver, or None
     control = loop_config["control"]
