@@ -255,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                     tensorboard(record)
 
             try:
-                outcome = train_distributed(config, run_dir / "ray", resume_from, on_progress=on_progress)
+                outcome = train_distributed(config, _storage(run_dir, config), resume_from, on_progress=on_progress)
             finally:
                 printer.close()
         save_state(run_dir / MODEL_FILE, outcome.best_state)
@@ -285,7 +285,7 @@ def _record_interruption(run_dir: Path, config, step: int | None, args: argparse
     from metarec_dist.report.run_directory import unused_path, write_json
 
     distributed = config.runner.workers > 1 or args.resume is not None
-    checkpoint = latest_complete(config.runner.storage_path or run_dir / "ray") if distributed else None
+    checkpoint = latest_complete(_storage(run_dir, config)) if distributed else None
     overrides = [f"--set {shlex.quote(override)}" for override in args.overrides]
     if checkpoint is not None:
         command = " ".join(["metarec-dist train --resume", shlex.quote(str(run_dir)),
@@ -316,10 +316,15 @@ def _resumed_config(run_dir: Path, overrides: list[str]):
     return config
 
 
+def _storage(run_dir: Path, config) -> Path:
+    """Where a distributed run's reports and checkpoints live."""
+    return config.runner.storage_path or run_dir / "ray"
+
+
 def _last_checkpoint(run_dir: Path, config) -> Path:
     from metarec_dist.distributed.checkpoint import latest_complete
 
-    storage = config.runner.storage_path or run_dir / "ray"
+    storage = _storage(run_dir, config)
     checkpoint = latest_complete(storage)
     if checkpoint is None:
         raise ConfigError(f"--resume {run_dir}: no complete checkpoint under {storage}; start a new run")

@@ -116,3 +116,29 @@ def assert_tensorboard_matches_results(run_dir):
         for source, weight in zip(entry["sources"], entry["weights"]):
             assert (entry["step"], pytest.approx(weight * len(entry["sources"]))) in scalars[f"source_weight/{source}"]
     assert all(rate > 0 for _, rate in scalars["speed/steps_per_s"])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _in_gloo_process(rank: int, work, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        work(rank, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def in_two_gloo_processes(work, out) -> None:
+    """``work(rank, out)`` in two real processes joined by a gloo process group (no Ray)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_in_gloo_process, args=(work, free_port(), str(out)), nprocs=2)

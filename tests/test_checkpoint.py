@@ -1,12 +1,11 @@
 """Checkpoints: a run stopped and resumed from one takes exactly the steps an unbroken run takes."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import write_config
+from conftest import free_port, write_config
 
 from metarec_dist.config import load_config
 from metarec_dist.distributed.checkpoint import is_complete, latest_complete, read_checkpoint, write_checkpoint
@@ -21,10 +20,7 @@ from metarec_dist.meta.training_data import load_training_data
 @pytest.fixture(scope="module")
 def one_process_group():
     """torch.distributed with one process (gloo), as Ray Train sets it up, for DeepSpeed."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield TorchCollective()
     dist.destroy_process_group()

@@ -1,17 +1,15 @@
 """The torch.distributed collective, over two real gloo processes (no Ray needed)."""
 
 import json
-import socket
 
-import torch.multiprocessing as mp
+from conftest import in_two_gloo_processes
 
 
-def _gather_in_rank(rank: int, port: int, out: str) -> None:
+def _gather_in_rank(rank: int, out: str) -> None:
     import torch.distributed as dist
 
     from metarec_dist.distributed.collective import SMALL_OBJECT_BYTES, TorchCollective
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     calls, real = [], dist.all_gather
 
     def counted(*args, **kwargs):
@@ -27,16 +25,12 @@ def _gather_in_rank(rank: int, port: int, out: str) -> None:
     with open(f"{out}/rank{rank}.json", "w") as file:
         json.dump({"small": small, "small_rounds": small_rounds, "large_lengths": [len(s) for s in large],
                    "large_rounds": len(calls) - small_rounds, "seconds": collective.seconds}, file)
-    dist.destroy_process_group()
 
 
 def test_all_gather_object_takes_one_round_for_small_objects_and_two_for_large_ones(tmp_path):
     from metarec_dist.distributed.collective import SMALL_OBJECT_BYTES
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(_gather_in_rank, args=(port, str(tmp_path)), nprocs=2)
+    in_two_gloo_processes(_gather_in_rank, tmp_path)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["small"] == [{"rank": 0, "similarities": [0.0, -1.0]}, {"rank": 1, "similarities": [0.5, -1.0]}]

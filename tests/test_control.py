@@ -3,13 +3,12 @@ the DeepSpeed op build that a killed build cannot block, and the Ray internals t
 
 import fcntl
 import json
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
-import torch.multiprocessing as mp
+from conftest import in_two_gloo_processes
 
 from metarec_dist.distributed.control import STARTING, TRAINING, RunControl, overdue_message
 
@@ -56,12 +55,9 @@ def test_a_replaced_worker_group_starts_a_new_start_up_wait():
     assert control.status()["ranks"] == {} and control.status()["waiting_s"] < 5
 
 
-def _stop_in_rank(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
+def _stop_in_rank(rank: int, out: str) -> None:
     from metarec_dist.distributed.control import StopAgreement
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     stop = StopAgreement(timeout_s=60)
     asked_at = 4 if rank == 1 else None  # only rank 1 is asked, at step 4
     stopped_at = next(step for step in range(1, 20) if stop.should_stop(step == asked_at))
@@ -70,14 +66,10 @@ def _stop_in_rank(rank: int, port: int, out: str) -> None:
     quiet.close()
     with open(f"{out}/rank{rank}.json", "w") as file:
         json.dump({"stopped_at": stopped_at, "never": never}, file)
-    dist.destroy_process_group()
 
 
 def test_every_worker_stops_at_the_same_step_one_after_any_of_them_was_asked(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(_stop_in_rank, args=(port, str(tmp_path)), nprocs=2)
+    in_two_gloo_processes(_stop_in_rank, tmp_path)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got == {"stopped_at": 5, "never": [False] * 5}

@@ -83,7 +83,8 @@ def train_distributed(
 ) -> DistributedOutcome:
     """Run ``config`` on ``config.runner.workers`` Ray Train workers.
 
-    ``storage_dir``: where Ray Train keeps this run's reports and checkpoints
+    ``storage_dir``: where Ray Train keeps this run's reports and checkpoints unless
+    ``runner.storage_path`` is set
     (each call adds an ``attempt-N`` directory, never touching earlier ones);
     ``resume_from``: a complete checkpoint directory to continue from;
     ``on_progress(record)``: called on the driver after every meta-step with
@@ -96,8 +97,9 @@ def train_distributed(
     if config.runner.zero_stage is not None or config.runner.deepspeed_config is not None:
         deepspeed_config(config)  # a bad file fails here, before any worker starts
     log.info("source domains per worker:\n%s", plan.table())
+    storage = (config.runner.storage_path or storage_dir).resolve()
     _connect(config)
-    _preflight(config, storage_dir)
+    _preflight(config, storage)
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -126,8 +128,8 @@ def train_distributed(
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=runner.collective_timeout_s),
         run_config=RunConfig(
-            name=_new_attempt_name(runner.storage_path or storage_dir),
-            storage_path=str((runner.storage_path or storage_dir).resolve()),
+            name=_new_attempt_name(storage),
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=runner.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -138,7 +140,7 @@ def train_distributed(
         with _progress_drained(progress, on_progress):
             result = _supervised_fit(trainer, control, runner.startup_timeout_s)
     except TrainingFailedError as error:
-        raise _user_error(error, runner.storage_path or storage_dir) from None
+        raise _user_error(error, storage) from None
     finally:
         ray.kill(control)
     if result.checkpoint is None:
@@ -320,7 +322,8 @@ def _owner_only_auth_token(create: bool) -> None:
             with os.fdopen(handle, "w") as token:
                 token.write(secrets.token_hex(32))
     with contextlib.suppress(OSError):
-        if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+        owner_and_mode = path.stat()
+        if owner_and_mode.st_uid == os.getuid() and owner_and_mode.st_mode & 0o077:
             path.chmod(0o600)
 
 
@@ -337,7 +340,7 @@ def _driver_runtime_env(env_vars: dict[str, str]) -> dict[str, Any] | None:
     return {"env_vars": own} if own else None
 
 
-def _preflight(config: ExperimentConfig, storage_dir: Path) -> None:
+def _preflight(config: ExperimentConfig, storage: Path) -> None:
     """Fail now, with the numbers, rather than wait forever for resources the cluster lacks."""
     import ray
 
@@ -354,7 +357,6 @@ def _preflight(config: ExperimentConfig, storage_dir: Path) -> None:
             f"runner.use_gpu: {runner.workers} workers need {runner.workers} GPUs, the cluster has "
             f"{resources.get('GPU', 0):g}; set runner.use_gpu to auto or false"
         )
-    storage = (runner.storage_path or storage_dir).resolve()
     try:
         storage.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=storage):
