@@ -55,10 +55,10 @@ def measure(config_path: Path, overrides: list[str], setting: dict, steps: int) 
     config = load_config(ExperimentConfig, config_path, overrides)
     trainer = Trainer(config, load_training_data(config), progress=False)
     for step in range(5):  # warm-up: allocator, kernels
-        trainer._target_step(step)
+        trainer.steps.target(step)
     started = time.perf_counter()
     for step in range(steps):
-        trainer._target_step(step)
+        trainer.steps.target(step)
     step_seconds = (time.perf_counter() - started) / steps
     trainer.evaluate("valid")  # warm-up
     started = time.perf_counter()

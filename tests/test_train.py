@@ -11,6 +11,7 @@ from conftest import SOURCES, assert_tensorboard_matches_results, write_config
 from metarec_dist.cli import main
 from metarec_dist.config import load_config
 from metarec_dist.meta.config import ExperimentConfig
+from metarec_dist.meta.records import LoopState
 from metarec_dist.meta.trainer import Trainer
 from metarec_dist.meta.training_data import load_training_data
 from metarec_dist.report.run_directory import load_state
@@ -151,3 +152,14 @@ def test_the_driver_checks_that_domains_exist_from_their_metadata_only(synthetic
     check_domains_present(config)  # never reads a table
     with pytest.raises(Exception, match="syn-noise-00|parquet|Parquet"):
         load_training_data(config)  # what the driver used to do for every source
+
+
+def test_early_stopping_keeps_the_best_validation_and_stops_after_patience_worse_ones():
+    loop = LoopState()
+    metrics = [float("nan"), 0.2, 0.3, 0.25, 0.3, 0.29]
+    improved = [loop.record_validation({"step": i, "valid": {"m": m}}, m, patience=3, first=i == 0)
+                for i, m in enumerate(metrics[:5])]
+    assert improved == [True, True, True, False, False]  # a NaN first validation still selects a model
+    assert (loop.best_step, loop.best_metric, loop.stale, loop.stopped) == (2, 0.3, 2, False)  # ties do not improve
+    assert not loop.record_validation({"step": 5, "valid": {"m": 0.29}}, 0.29, patience=3, first=False)
+    assert loop.stopped and loop.best_valid == {"m": 0.3} and len(loop.history) == 6

@@ -26,6 +26,20 @@ class LoopState:
     pending_losses: list[float] = field(default_factory=list)  # since the last validation
     seconds: float = 0.0  # training time spent before this process started
 
+    def record_validation(self, entry: dict[str, Any], metric: float, patience: int, first: bool) -> bool:
+        """Add a validation to the history and decide on early stopping; True if it is the new best.
+
+        ``first``: no model selected yet, so this one is taken even with a NaN metric (and any
+        number beats a NaN best).
+        """
+        self.history.append(entry)
+        if first or metric > self.best_metric or (math.isnan(self.best_metric) and not math.isnan(metric)):
+            self.best_metric, self.best_step, self.best_valid, self.stale = metric, entry["step"], entry["valid"], 0
+            return True
+        self.stale += 1
+        self.stopped = self.stale >= patience
+        return False
+
 
 @dataclass
 class StepTime:

@@ -27,7 +27,6 @@ its decision is broadcast so all workers leave the loop together.
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import time
 from collections.abc import Callable
@@ -38,22 +37,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from metarec_dist.errors import ConfigError, TrainingError
+from metarec_dist.errors import ConfigError
 from metarec_dist.eval.metrics import metrics_from_ranks
 from metarec_dist.meta.codebook_upkeep import codebook_health, reinit_dead_codes_everywhere
 from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.evaluation import rank_users
+from metarec_dist.meta.method_steps import MethodSteps
 from metarec_dist.meta.records import LoopState, SourceWeights, StepTime
 from metarec_dist.meta.sampling import BatchSampler
-from metarec_dist.meta.step import (
-    LOCAL,
-    Collective,
-    MetaConfig,
-    TaskBatch,
-    initial_inner_lrs,
-    meta_step,
-    reduced_names,
-)
+from metarec_dist.meta.step import LOCAL, Collective, MetaConfig, initial_inner_lrs, reduced_names
 from metarec_dist.meta.training_data import TrainingData
 from metarec_dist.model.recommender import SequenceRecommender
 
@@ -102,6 +94,8 @@ class Trainer:
         self.sampler = BatchSampler(data, self.training_rows, train.batch_size, config.model.encoder.max_length,
                                     np.random.default_rng(train.seed + collective.rank))  # batches differ per worker
         self.weights = SourceWeights()
+        self.steps = MethodSteps(self.model, self.optimizer, self.sampler, collective, data.target,
+                                 self.meta_config, self.inner_lrs, self.weights)
         self.loop = LoopState()
         self.step_time = StepTime()
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -142,51 +136,6 @@ class Trainer:
         self.sampler.rng = np.random.default_rng([seed, rank, step])
         torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
-    # --- steps ---------------------------------------------------------------------
-
-    def _gradient_step(self, losses: dict[str, torch.Tensor], step: int, average: bool) -> float:
-        """Gradients of the summed losses; the optimizer sums them over workers (source tasks),
-        or averages them when ``average`` (target batches: plain data parallelism)."""
-        total = sum(losses.values())
-        everyone = self.collective.all_gather_object({domain: loss.item() for domain, loss in losses.items()})
-        _check_finite(step, {domain: loss for rows in everyone for domain, loss in rows.items()})
-        # autograd.grad, not backward(): a DeepSpeed engine's gradient hooks must only see its own backward.
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        gradients = torch.autograd.grad(total, parameters, allow_unused=True)
-        scale = 1.0 / self.collective.world_size if average else 1.0
-        for p, gradient in zip(parameters, gradients):
-            p.grad = None if gradient is None else gradient * scale
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total.item()
-
-    def _joint_step(self, step: int) -> float:
-        """One batch from each sampled source, summed (pre-training / warm-up)."""
-        losses = {}
-        for source in self.sampler.sources(self.meta_config.tasks_per_step):
-            batch = self.sampler.source_batch(source)
-            losses[source] = self.model(source, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)).loss
-        return self._gradient_step(losses, step, average=False)
-
-    def _target_step(self, step: int) -> float:
-        batch = self.sampler.target_batch()
-        loss = self.model(self.data.target, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)).loss
-        return self._gradient_step({self.data.target: loss}, step, average=True)
-
-    def _meta_step(self, step: int) -> float:
-        tasks = [TaskBatch(source, self.sampler.source_batch(source), self.sampler.target_batch())
-                 for source in self.sampler.sources(self.meta_config.tasks_per_step)]
-        result = meta_step(
-            self.model, self.optimizer, self.data.target, tasks, self.meta_config, self.inner_lrs, self.collective
-        )
-        if not math.isfinite(result.query_loss):
-            raise TrainingError(
-                f"step {step}: query loss on target '{self.data.target}' is {result.query_loss} "
-                f"(sources {result.sources}); lower train.learning_rate or meta.inner_lr"
-            )
-        self.weights.record(step, result.sources, result.similarities, result.weights)
-        return result.query_loss
-
     # --- evaluation ----------------------------------------------------------------
 
     def evaluate(self, stage: str) -> dict[str, float]:
@@ -226,10 +175,10 @@ class Trainer:
         started = time.perf_counter() - loop.seconds
         if loop.step == 0:
             for step in tqdm(range(train.pretrain_steps), desc="pre-training on sources", disable=not self.progress):
-                self._joint_step(step)
+                self.steps.joint(step)
                 self._maybe_reinit_codes(step)
 
-        main_step = self._meta_step if self._is_meta else self._target_step
+        main_step = self.steps.for_method(self.config.method)
         steps = range(loop.step + 1, train.steps + 1) if not loop.stopped else range(0)
         bar = tqdm(steps, desc=self.config.method, disable=not self.progress or loop.stopped)
         for step in bar:
@@ -335,17 +284,11 @@ class Trainer:
                 "valid": valid,
                 **health,
             }
-            loop.history.append(entry)
             log.info("step %d loss %.4f valid %s %.4f", step, entry["train_loss"], train.selection_metric, metric)
-            improved = metric > loop.best_metric or self.best_state is None  # a NaN metric still yields a model
-            if improved:
-                loop.best_metric, loop.best_step, loop.best_valid, loop.stale = metric, step, valid, 0
-            else:
-                loop.stale += 1
-                loop.stopped = loop.stale >= train.patience
-                if loop.stopped:
-                    log.info("early stop at step %d (best %s %.4f at step %d)",
-                             step, train.selection_metric, loop.best_metric, loop.best_step)
+            improved = loop.record_validation(entry, metric, train.patience, first=self.best_state is None)
+            if loop.stopped:
+                log.info("early stop at step %d (best %s %.4f at step %d)",
+                         step, train.selection_metric, loop.best_metric, loop.best_step)
         entry, loop.stopped, improved = self.collective.broadcast_object((entry, loop.stopped, improved))
         if improved:
             self.best_state = self._target_model_state()
@@ -397,10 +340,3 @@ def local_adam(
     if inner_lrs:
         groups.append({"params": inner_lrs, "lr": config.meta.inner_lr_learning_rate})
     return torch.optim.Adam(groups, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
-
-
-def _check_finite(step: int, losses: dict[str, float]) -> None:
-    """Every worker sees every worker's losses, so all of them stop together."""
-    bad = {domain: loss for domain, loss in losses.items() if not math.isfinite(loss)}
-    if bad:
-        raise TrainingError(f"step {step}: non-finite loss on domain(s) {bad}; lower train.learning_rate")

@@ -1,0 +1,93 @@
+"""One training step of each method: what a step samples, which loss it takes, how it updates.
+
+    joint    one batch from each of ``meta.tasks_per_step`` sampled sources, the losses summed
+    target   one batch of the target (``target_only`` and fine-tuning)
+    meta     ``meta.tasks_per_step`` tasks (source support, target query) through ``step.meta_step``
+
+Gradients of a sum over source tasks are summed over workers by the optimizer; target
+batches are data parallel, so their gradients are averaged. Every step returns its loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from metarec_dist.errors import TrainingError
+from metarec_dist.meta.records import SourceWeights
+from metarec_dist.meta.sampling import BatchSampler
+from metarec_dist.meta.step import Collective, MetaConfig, TaskBatch, meta_step
+from metarec_dist.model.recommender import SequenceRecommender
+
+
+class MethodSteps:
+    """The step functions of every method over one model, optimizer, sampler and collective."""
+
+    def __init__(
+        self,
+        model: SequenceRecommender,
+        optimizer: torch.optim.Optimizer,
+        sampler: BatchSampler,
+        collective: Collective,
+        target: str,
+        meta_config: MetaConfig,
+        inner_lrs: list[torch.Tensor],
+        weights: SourceWeights,
+    ):
+        self.model, self.optimizer, self.sampler, self.collective = model, optimizer, sampler, collective
+        self.target_domain, self.meta_config, self.inner_lrs, self.weights = target, meta_config, inner_lrs, weights
+
+    def for_method(self, method: str) -> Callable[[int], float]:
+        """The main step of ``method`` (``joint`` pre-trains with ``joint`` and fine-tunes with ``target``)."""
+        return self.meta if method in ("metarec", "uniform") else self.target
+
+    def joint(self, step: int) -> float:
+        """One batch from each sampled source, summed (pre-training / warm-up)."""
+        losses = {}
+        for source in self.sampler.sources(self.meta_config.tasks_per_step):
+            batch = self.sampler.source_batch(source)
+            losses[source] = self.model(source, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)).loss
+        return self._gradient_step(losses, step, average=False)
+
+    def target(self, step: int) -> float:
+        batch = self.sampler.target_batch()
+        loss = self.model(self.target_domain, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)).loss
+        return self._gradient_step({self.target_domain: loss}, step, average=True)
+
+    def meta(self, step: int) -> float:
+        tasks = [TaskBatch(source, self.sampler.source_batch(source), self.sampler.target_batch())
+                 for source in self.sampler.sources(self.meta_config.tasks_per_step)]
+        result = meta_step(self.model, self.optimizer, self.target_domain, tasks, self.meta_config, self.inner_lrs,
+                           self.collective)
+        if not math.isfinite(result.query_loss):
+            raise TrainingError(
+                f"step {step}: query loss on target '{self.target_domain}' is {result.query_loss} "
+                f"(sources {result.sources}); lower train.learning_rate or meta.inner_lr"
+            )
+        self.weights.record(step, result.sources, result.similarities, result.weights)
+        return result.query_loss
+
+    def _gradient_step(self, losses: dict[str, torch.Tensor], step: int, average: bool) -> float:
+        """Gradients of the summed losses; the optimizer sums them over workers (source tasks),
+        or averages them when ``average`` (target batches: plain data parallelism)."""
+        total = sum(losses.values())
+        everyone = self.collective.all_gather_object({domain: loss.item() for domain, loss in losses.items()})
+        check_finite(step, {domain: loss for rows in everyone for domain, loss in rows.items()})
+        # autograd.grad, not backward(): a DeepSpeed engine's gradient hooks must only see its own backward.
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        gradients = torch.autograd.grad(total, parameters, allow_unused=True)
+        scale = 1.0 / self.collective.world_size if average else 1.0
+        for p, gradient in zip(parameters, gradients):
+            p.grad = None if gradient is None else gradient * scale
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total.item()
+
+
+def check_finite(step: int, losses: dict[str, float]) -> None:
+    """Every worker sees every worker's losses, so all of them stop together."""
+    bad = {domain: loss for domain, loss in losses.items() if not math.isfinite(loss)}
+    if bad:
+        raise TrainingError(f"step {step}: non-finite loss on domain(s) {bad}; lower train.learning_rate")
