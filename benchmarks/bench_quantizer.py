@@ -3,7 +3,7 @@
 The quantizer assigns every item of a domain's catalog at each forward, so on
 large catalogs with fine codebooks (16 x 256) the search is a large part of a
 training step. For each setting: median time of the dense search (one
-[n, M, K] distance tensor, the implementation before stop 11) and of
+[n, M, K] distance tensor, the reference) and of
 ``nearest_codewords`` (``rows`` vectors at a time), with the ratio, and a
 check that both give the same codes. One thread, as a worker has.
 

@@ -3,7 +3,7 @@
 Data: a domain from the store (default Beauty, imported from ../shared/data).
 Settings, each in its own process (the allocator setting is process-wide):
 - ``baseline``: every batch encoded in one piece, glibc's default allocator
-  (the code before stop 12);
+  (the reference point);
 - ``grouped``: rows encoded in groups by length (``model.encoder.group_by_length``);
 - ``grouped + kept memory``: and freed memory kept in the process
   (``metarec_dist.allocator``), as ``metarec-dist`` runs;

@@ -3,8 +3,8 @@
 glibc serves large allocations (over 32 MB at most, often far less) with their
 own ``mmap`` and unmaps them on ``free``; the next training step's tensor of
 the same size is then faulted back in page by page. A full-softmax step on
-Beauty allocates several ~70 MB ``[positions, items]`` tensors and spent about
-40% of its time on those page faults (docs/BENCHMARKS.md). A GPU framework's
+Beauty allocates several large ``[positions, items]`` tensors, and faulting them
+in is a large part of its time (``benchmarks/bench_train_step.py``). A GPU framework's
 caching allocator avoids this; on the CPU, turning off glibc's ``mmap`` and
 its trimming does the same. The cost: the resident size stays at its peak.
 

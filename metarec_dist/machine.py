@@ -17,8 +17,17 @@ def _first_line_value(path: str, prefix: str) -> str | None:
     return None
 
 
+def cpu_bf16_support() -> str:
+    """``amx``, ``avx512_bf16`` or ``emulated``: whether this CPU multiplies bf16 matrices in hardware
+    (Linux CPU flags). Where it is emulated, bf16 is many times slower than fp32."""
+    flags = set((_first_line_value("/proc/cpuinfo", "flags") or "").split())
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else "emulated"
+
+
 def machine_description(**versions: str) -> dict:
-    """CPU model, cores, memory, GPU, OS and Python, plus any library ``versions`` given."""
+    """CPU model, cores, bf16 support, memory, GPU, OS and Python, plus any library ``versions`` given."""
     memory = _first_line_value("/proc/meminfo", "MemTotal")
     gpu = "none"
     try:
@@ -31,6 +40,7 @@ def machine_description(**versions: str) -> dict:
     return {
         "cpu_model": _first_line_value("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
         "cpu_count": os.cpu_count(),
+        "cpu_bf16": cpu_bf16_support(),
         "ram_gib": round(int(memory.split()[0]) / 2**20, 1) if memory else None,
         "gpu": gpu,
         "os": platform.platform(),

@@ -274,8 +274,8 @@ def _new_attempt_name(storage: Path) -> str:
 
 def _connect(config: ExperimentConfig) -> None:
     """Join ``runner.address`` (or RAY_ADDRESS), else start a quiet local cluster."""
-    # The controller reads worker reports once per health check (2 s by default):
-    # 0.2 s keeps per-validation reports from stalling the workers.
+    # The controller reads worker reports once per health check; a short period keeps
+    # per-validation reports from stalling the workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     import ray

@@ -71,8 +71,8 @@ def attention_mask(padding: torch.Tensor) -> torch.Tensor:
 
 
 class Dropout(nn.Module):
-    """Inverted dropout through a uniform mask: nn.Dropout's semantics, about 2.7x
-    faster on CPU, where torch's bernoulli sampling dominated the training step."""
+    """Inverted dropout through a uniform mask: nn.Dropout's semantics, without torch's
+    bernoulli sampling, which is slow on CPU."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -100,8 +100,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(width, dim=-1)
         # [B, L, D] -> [B, heads, L, D/heads]
         q, k, v = (t.view(batch, length, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
-        # On CPU the math kernel is the fast one at these sizes (the flash kernel's
-        # bf16 backward measured 27 ms a call) and the one with a double backward.
+        # On CPU the math kernel is the fast one at these sizes (the flash kernel's bf16
+        # backward is slow there) and the one with a double backward (second-order meta-gradients).
         with sdpa_kernel([SDPBackend.MATH]) if x.device.type == "cpu" else nullcontext():
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0

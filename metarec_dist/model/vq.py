@@ -65,8 +65,8 @@ def nearest_codewords(sub_vectors: torch.Tensor, codebooks: torch.Tensor, rows: 
 
     ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is the same for every c, so it is dropped.
     Computed ``rows`` vectors at a time, one matrix multiply per codebook: the [rows, K]
-    distances stay in cache instead of an [n, M, K] tensor going through memory (4x
-    faster for an 18k-item catalog and 16 x 256 codewords, benchmarks in docs/BENCHMARKS.md).
+    distances stay in cache instead of an [n, M, K] tensor going through memory
+    (``benchmarks/bench_quantizer.py`` compares the two).
     """
     by_book = sub_vectors.transpose(0, 1)  # [M, n, d]
     norms = codebooks.pow(2).sum(-1).unsqueeze(1)  # [M, 1, K]
