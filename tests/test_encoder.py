@@ -155,3 +155,72 @@ def test_grouping_does_not_change_the_loss_or_its_gradients():
         assert (grouped is None) == (whole is None)
         if grouped is not None:
             assert torch.allclose(grouped, whole, atol=1e-6)
+
+
+def batch_of(rng, items=20, rows=8, length=6):
+    inputs = torch.as_tensor(rng.integers(1, items + 1, (rows, length)))
+    inputs[:2, :3] = 0  # some left padding
+    targets = torch.roll(inputs, -1, dims=1) % items + 1
+    targets[inputs == 0] = 0
+    return inputs, targets
+
+
+@pytest.mark.parametrize("score_with", ["continuous", "quantized"])
+def test_sampled_softmax_with_every_item_as_candidate_equals_the_full_softmax(score_with):
+    rng = np.random.default_rng(0)
+    inputs, targets = batch_of(rng)
+    losses, gradients = [], []
+    for loss in ("full", "sampled"):
+        torch.manual_seed(0)
+        recommender = model(loss=loss, sampled_negatives=20, score_with=score_with)
+        out = recommender("t", inputs, targets)
+        losses.append(out.loss)
+        gradients.append(torch.autograd.grad(out.loss, list(recommender.parameters()), allow_unused=True))
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    for full, sampled in zip(*gradients):
+        assert (full is None) == (sampled is None)
+        if full is not None:
+            assert torch.allclose(full, sampled, atol=1e-6)
+
+
+def test_quantizing_some_items_equals_the_same_rows_of_quantizing_every_item():
+    recommender = model()
+    everything = recommender.item_tables("a")
+    ids = torch.tensor([0, 3, 4, 17, 30])
+    some = recommender.item_tables("a", ids)
+    assert torch.equal(some.inputs, everything.inputs[ids]) and torch.equal(some.outputs, everything.outputs[ids])
+    assert torch.equal(some.rows_of(torch.tensor([17, 0, 3])), torch.tensor([3, 0, 1]))
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_a_training_step_reads_and_updates_only_the_items_of_its_batch(loss):
+    rng = np.random.default_rng(1)
+    inputs, targets = batch_of(rng, items=30)
+    recommender = model(loss=loss, sampled_negatives=3)
+    torch.manual_seed(0)
+    out = recommender("a", inputs, targets)
+    out.loss.backward()
+    table_gradient = recommender.domains["a"].embedding.weight.grad
+    touched = torch.unique(torch.cat([inputs.flatten(), targets.flatten()]))
+    untouched = torch.ones(31, dtype=torch.bool)
+    untouched[touched] = False
+    if loss == "full":  # every item is scored, only the batch's inputs are quantized
+        assert recommender.quantizer.usage.sum() == (len(torch.unique(inputs)) - 1) * 2
+    else:  # the batch's items and at most 3 negatives
+        assert int((table_gradient.abs().sum(1) > 0).sum()) <= len(touched) - 1 + 3
+    assert table_gradient[0].abs().sum() == 0
+    assert untouched.sum() > 0 and table_gradient[untouched].abs().sum(1).gt(0).sum() <= (3 if loss == "sampled"
+                                                                                           else 31)
+
+
+def test_the_logq_correction_lowers_the_logits_of_items_the_batch_proposes_often():
+    recommender = model(loss="sampled", sampled_negatives=4)
+    counts = torch.zeros(21)
+    counts[1:] = 1.0
+    counts[5] = 100.0  # item 5: most of the domain's events
+    recommender.set_item_frequencies("t", counts)
+    wanted = torch.tensor([5, 5, 7, 9])
+    candidates, log_q = recommender._candidates("t", wanted)
+    assert set(wanted.tolist()) <= set(candidates.tolist()) and torch.equal(candidates, candidates.unique())
+    q = dict(zip(candidates.tolist(), log_q.exp().tolist()))
+    assert q[5] > q[7] and q[7] == pytest.approx(q[9]) and all(0 < v <= 1 for v in q.values())

@@ -35,9 +35,10 @@ def rank_users(
     users = np.arange(len(histories)) if users is None else users
     if len(users) == 0:
         return np.empty(0, np.int64)
+    catalog = model.catalog(target)  # every item quantized once, for all the users' batches
     return ranks_by_retrieval(
-        lambda inputs: model.query_vectors(target, inputs),
-        model.item_vectors(target),
+        lambda inputs: model.query_vectors(target, inputs, catalog),
+        model.item_vectors(target, catalog),
         histories,
         items,
         config,

@@ -80,6 +80,8 @@ class Trainer:
         torch.manual_seed(train.seed)  # the same theta and target tables in every worker
         catalogs = data.catalogs if config.method != "target_only" else {data.target: data.catalogs[data.target]}
         self.model = SequenceRecommender(config.effective_model, catalogs)
+        for domain in catalogs:
+            self.model.set_item_frequencies(domain, torch.from_numpy(data.event_counts(domain)))
         if self.model.quantizer is not None:
             # A data-seeded codebook saw only this worker's domains: theta starts as the leader's.
             collective.broadcast_(self.model.quantizer.codebooks.data, source=0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from metarec_dist.data.sequences import SequenceView
 from metarec_dist.data.splits import LeaveOneOutSplit, leave_one_out, limit_target
 from metarec_dist.data.store import DomainStore
@@ -17,6 +19,16 @@ class TrainingData:
     split: LeaveOneOutSplit  # limited-target training rows; validation and test for every user
     catalogs: dict[str, int]  # domain -> number of items
     sources: dict[str, SequenceView]  # a source's whole sequences are training data
+
+    def event_counts(self, domain: str) -> np.ndarray:
+        """Training events per item id ``[N + 1]`` (index 0, padding, is 0): the target's limited
+        training prefixes, or a source's whole sequences."""
+        if domain == self.target:
+            items = self.split.train.flat_rows(self.split.training_users)[2]
+        else:
+            view = self.sources[domain]
+            items = view.flat_rows(np.arange(len(view)))[2]
+        return np.bincount(items, minlength=self.catalogs[domain] + 1)
 
 
 def check_domains_present(config: ExperimentConfig, sources: list[str] | None = None) -> None:

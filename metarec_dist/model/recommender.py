@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,8 +47,18 @@ class ModelConfig(StrictModel):
     score_with: Literal["continuous", "quantized"] = Field(
         "continuous", description="item vectors the encoder output is scored against"
     )
-    loss: Literal["full", "sampled"] = "full"
-    sampled_negatives: int = Field(1024, ge=1, description="negatives per batch for the sampled softmax")
+    loss: Literal["auto", "full", "sampled"] = Field(
+        "auto", description="full: softmax over the whole catalog; sampled: over the batch's targets plus "
+        "sampled_negatives uniform items, logQ-corrected; auto: full up to full_softmax_max_items, else sampled"
+    )
+    full_softmax_max_items: int = Field(
+        50_000, ge=1, description="loss auto: the largest catalog trained with the full softmax (its logits are "
+        "positions x items)"
+    )
+    sampled_negatives: int = Field(
+        1024, ge=1, description="uniform negatives shared by a batch (sampled softmax); at least the catalog's "
+        "size: every item, which is the full softmax"
+    )
     precision: Literal["fp32", "bf16"] = "fp32"
     vq: VQConfig = VQConfig()
     encoder: EncoderConfig = EncoderConfig()
@@ -93,17 +104,29 @@ class DomainItems(nn.Module):
                     self.adapter.weight.uniform_(-bound, bound, generator=generator)
                     self.adapter.bias.uniform_(-bound, bound, generator=generator)
 
-    def forward(self) -> torch.Tensor:
-        """Every item's vector before quantization: [N + 1, D] (row 0 is padding)."""
-        table = self.embedding.weight
-        return table if self.adapter is None else self.adapter(table)
+        # Each item's share of the domain's training events (set by the trainer): the
+        # sampled softmax's proposal for in-batch negatives. Unset: uniform.
+        self.register_buffer("event_share", torch.full((num_items + 1,), 1.0 / num_items), persistent=False)
+
+    def forward(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Items' vectors before quantization: ``ids`` [R] -> [R, D]; None: every row, [N + 1, D]
+        (row 0 is padding). Only the rows asked for are read and adapted."""
+        rows = self.embedding.weight if ids is None else F.embedding(ids, self.embedding.weight)
+        return rows if self.adapter is None else self.adapter(rows)
 
 
 @dataclass
 class ItemTables:
-    inputs: torch.Tensor  # [N + 1, D] what the encoder reads (row 0 zero)
-    outputs: torch.Tensor  # [N + 1, D] what scores are taken against
+    """Some items' vectors: row r is item ``ids[r]``; ``ids`` None: every item, row j is item j."""
+
+    ids: torch.Tensor | None  # sorted, unique, starting with padding (0)
+    inputs: torch.Tensor  # [R, D] what the encoder reads (the padding row zero)
+    outputs: torch.Tensor  # [R, D] what scores are taken against
     vq_loss: torch.Tensor  # scalar (0 without VQ)
+
+    def rows_of(self, items: torch.Tensor) -> torch.Tensor:
+        """Rows holding ``items`` (each must be among ``ids``)."""
+        return items if self.ids is None else torch.searchsorted(self.ids, items)
 
 
 @dataclass
@@ -189,71 +212,109 @@ class SequenceRecommender(nn.Module):
 
     # --- forward pieces ----------------------------------------------------------
 
-    def item_tables(self, domain: str) -> ItemTables:
-        z = self.domains[module_key(domain)]()  # [N + 1, D]
+    def item_tables(self, domain: str, ids: torch.Tensor | None = None) -> ItemTables:
+        """Items ``ids`` (sorted, unique, starting with padding 0; None: the whole catalog) adapted and
+        quantized. A training step passes the ids it reads, so its cost does not grow with the catalog."""
+        z = self.domains[module_key(domain)](ids)  # [R, D]
         if self.quantizer is None:
-            zero = z.new_zeros(())
-            return ItemTables(inputs=z, outputs=z, vq_loss=zero)
-        quantized = self.quantizer(z[1:])  # padding row is not quantized
-        pad_row = z.new_zeros(1, z.shape[1])
-        inputs = torch.cat([pad_row, quantized.vectors])
+            return ItemTables(ids=ids, inputs=z, outputs=z, vq_loss=z.new_zeros(()))
+        quantized = self.quantizer(z[1:])  # padding is not quantized
+        inputs = torch.cat([z.new_zeros(1, z.shape[1]), quantized.vectors])
         outputs = inputs if self.config.score_with == "quantized" else z
-        return ItemTables(inputs=inputs, outputs=outputs, vq_loss=quantized.loss)
+        return ItemTables(ids=ids, inputs=inputs, outputs=outputs, vq_loss=quantized.loss)
 
     def hidden(self, inputs: torch.Tensor, tables: ItemTables) -> torch.Tensor:
         """Encoder states [B, L, D] for left-padded item ids [B, L]."""
         padding = inputs == PAD
-        return self.encoder(tables.inputs[inputs], padding)
+        return self.encoder(tables.inputs[tables.rows_of(inputs)], padding)
+
+    def set_item_frequencies(self, domain: str, counts: torch.Tensor) -> None:
+        """Events per item id ``[N + 1]`` in the domain's training data: the sampled softmax's proposal."""
+        items = self.domains[module_key(domain)]
+        share = counts.double().clamp_min(0)
+        share[PAD] = 0
+        items.event_share.copy_(share / share.sum().clamp_min(1))
+
+    def uses_full_softmax(self, domain: str) -> bool:
+        num_items = self.domains[module_key(domain)].num_items
+        if self.config.loss == "auto":
+            return num_items <= self.config.full_softmax_max_items
+        return self.config.loss == "full"
 
     def _autocast(self):
         device_type = next(self.parameters()).device.type
         return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def forward(self, domain: str, inputs: torch.Tensor, targets: torch.Tensor) -> LossOutput:
-        """Next-item cross-entropy at every non-padding position, plus the VQ loss.
+        """Next-item cross-entropy at every non-padding position, plus the VQ loss of the items read.
 
         The training loss is ``forward`` so ``torch.func.functional_call`` can run it
-        with substituted (fast) parameters.
+        with substituted (fast) parameters. Only the items the batch reads are
+        quantized (and with the sampled softmax, only those and its candidates
+        are adapted), so the VQ loss is over the items read.
         """
+        positions = targets != PAD
+        wanted = targets[positions]  # [P]
+        full = self.uses_full_softmax(domain)
         with self._autocast():
-            tables = self.item_tables(domain)
-            states = self.hidden(inputs, tables)
-            positions = targets != PAD
-            states, wanted = states[positions], targets[positions]  # [P, D], [P]
-            if self.config.loss == "full":
-                logits = states @ tables.outputs.t()  # [P, N + 1]
+            candidates, log_q = (None, None) if full else self._candidates(domain, wanted)
+            if self.quantizer is not None and self.config.score_with == "quantized":
+                # Scored items are quantized too: the items read are the inputs and the scored ones.
+                tables = self.item_tables(domain, None if full else _used_ids(inputs, candidates))
+                scored = tables.outputs if full else tables.outputs[tables.rows_of(candidates)]
+            else:
+                tables = self.item_tables(domain, _used_ids(inputs))
+                scored = self.domains[module_key(domain)](candidates)  # [N + 1 or C, D]
+            states = self.hidden(inputs, tables)[positions]  # [P, D]
+            logits = states @ scored.t()
+            if full:
                 logits[:, PAD] = float("-inf")
                 recommendation = F.cross_entropy(_at_least_fp32(logits), wanted)
             else:
-                recommendation = self._sampled_softmax(states, wanted, tables.outputs)
+                logits = _at_least_fp32(logits) - log_q
+                recommendation = F.cross_entropy(logits, torch.searchsorted(candidates, wanted))
         vq_loss = _at_least_fp32(tables.vq_loss)
         return LossOutput(loss=recommendation + vq_loss, recommendation=recommendation, vq=vq_loss)
 
-    def _sampled_softmax(self, states: torch.Tensor, wanted: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Softmax over the target and uniformly sampled negatives shared by the batch.
-
-        Uniform proposals make the log-q correction a constant, so it cancels;
-        a negative that happens to be a row's own target is masked out.
-        """
-        negatives = torch.randint(1, items.shape[0], (self.config.sampled_negatives,), device=states.device)
-        positive = (states * items[wanted]).sum(-1, keepdim=True)  # [P, 1]
-        negative = states @ items[negatives].t()  # [P, S]
-        negative = negative.masked_fill(negatives[None, :] == wanted[:, None], float("-inf"))
-        logits = _at_least_fp32(torch.cat([positive, negative], dim=1))
-        return F.cross_entropy(logits, torch.zeros(len(wanted), dtype=torch.long, device=states.device))
+    def _candidates(self, domain: str, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampled softmax's items: the batch's targets (in-batch negatives for each other) plus
+        ``sampled_negatives`` uniform draws, deduplicated and sorted; and log q, the log of each
+        one's probability of being among them, which is subtracted from its logit (logQ correction):
+        an item drawn often is not counted as more relevant for it. q = 1 - (1 - 1/N)^S (1 - p)^P,
+        with p the item's share of the domain's training events and P the batch's targets."""
+        items = self.domains[module_key(domain)]
+        draws = self.config.sampled_negatives
+        if draws >= items.num_items:  # every item is a candidate, surely: the full softmax
+            candidates = torch.arange(1, items.num_items + 1, device=wanted.device)
+            return candidates, torch.zeros(len(candidates), device=wanted.device)
+        uniform = torch.randint(1, items.num_items + 1, (draws,), device=wanted.device)
+        candidates = torch.unique(torch.cat([wanted, uniform]))
+        log_missed = draws * math.log1p(-1.0 / items.num_items) + len(wanted) * torch.log1p(
+            -items.event_share[candidates].clamp_max(1 - 1e-12))
+        return candidates, torch.log(-torch.expm1(log_missed)).to(torch.float32)
 
     @torch.no_grad()
-    def item_vectors(self, domain: str) -> torch.Tensor:
+    def catalog(self, domain: str) -> ItemTables:
+        """Every item adapted and quantized, without gradient: computed once per evaluation or export."""
+        with self._autocast():
+            return self.item_tables(domain)
+
+    @torch.no_grad()
+    def item_vectors(self, domain: str, catalog: ItemTables | None = None) -> torch.Tensor:
         """What a user's query vector is scored against: ``[N, D]`` fp32, row ``j`` = item ``j + 1``."""
-        with self._autocast():
-            # A copy: without the VQ the outputs are the live embedding parameter.
-            return _at_least_fp32(self.item_tables(domain).outputs[1:]).detach().clone()
+        catalog = catalog if catalog is not None else self.catalog(domain)
+        # A copy: without the VQ the outputs are the live embedding parameter.
+        return _at_least_fp32(catalog.outputs[1:]).detach().clone()
 
     @torch.no_grad()
-    def query_vectors(self, domain: str, inputs: torch.Tensor) -> torch.Tensor:
-        """The encoder's state after each left-padded history ``[B, L]``: ``[B, D]`` fp32."""
+    def query_vectors(self, domain: str, inputs: torch.Tensor, catalog: ItemTables | None = None) -> torch.Tensor:
+        """The encoder's state after each left-padded history ``[B, L]``: ``[B, D]`` fp32.
+
+        ``catalog``: ``catalog(domain)`` computed once for many batches (default: only the rows
+        ``inputs`` reads are computed)."""
         with self._autocast():
-            return _at_least_fp32(self.hidden(inputs, self.item_tables(domain))[:, -1]).detach()
+            tables = catalog if catalog is not None else self.item_tables(domain, _used_ids(inputs))
+            return _at_least_fp32(self.hidden(inputs, tables)[:, -1]).detach()
 
     @torch.no_grad()
     def scores(self, domain: str, inputs: torch.Tensor) -> torch.Tensor:
@@ -264,6 +325,12 @@ class SequenceRecommender(nn.Module):
             scores = _at_least_fp32(last @ tables.outputs.t())
         scores[:, PAD] = float("-inf")
         return scores
+
+
+def _used_ids(*ids: torch.Tensor) -> torch.Tensor:
+    """The distinct item ids in ``ids``, sorted, padding (0) first: the rows a step reads."""
+    pad = torch.zeros(1, dtype=torch.long, device=ids[0].device)
+    return torch.unique(torch.cat([pad, *(t.reshape(-1).long() for t in ids)]))
 
 
 def _stable_hash(name: str) -> int:

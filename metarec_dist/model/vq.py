@@ -69,10 +69,22 @@ def nearest_codewords(sub_vectors: torch.Tensor, codebooks: torch.Tensor, rows: 
     (``benchmarks/bench_quantizer.py`` compares the two).
     """
     by_book = sub_vectors.transpose(0, 1)  # [M, n, d]
+    books, n = by_book.shape[:2]
     norms = codebooks.pow(2).sum(-1).unsqueeze(1)  # [M, 1, K]
-    codes = [torch.baddbmm(norms, part, codebooks.transpose(1, 2), alpha=-2).argmin(dim=-1)  # [M, rows]
-             for part in by_book.split(rows, dim=1)]
-    return torch.cat(codes, dim=1).t()
+    transposed = codebooks.transpose(1, 2)  # [M, d, K]
+    # Every buffer is allocated once: per-chunk tensors would fragment the heap on large catalogs.
+    codes = torch.empty(n, books, dtype=torch.long, device=sub_vectors.device)
+    distances = torch.empty(books * min(rows, n) * codebooks.shape[1], dtype=sub_vectors.dtype,
+                            device=sub_vectors.device)
+    chunk_codes = torch.empty(books * min(rows, n), dtype=torch.long, device=sub_vectors.device)
+    for begin in range(0, n, rows):
+        part = by_book[:, begin : begin + rows]  # [M, r, d]
+        r = part.shape[1]
+        chunk = distances[: books * r * codebooks.shape[1]].view(books, r, codebooks.shape[1])
+        torch.baddbmm(norms, part, transposed, alpha=-2, out=chunk)
+        torch.argmin(chunk, dim=-1, out=chunk_codes[: books * r].view(books, r))
+        codes[begin : begin + r].copy_(chunk_codes[: books * r].view(books, r).t())
+    return codes
 
 
 class VectorQuantizer(nn.Module):
