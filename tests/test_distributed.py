@@ -11,6 +11,7 @@ import torch
 from conftest import assert_tensorboard_matches_results, random_batch, write_config
 
 from metarec_dist.meta.config import ExperimentConfig
+from metarec_dist.meta.row_sparse_adam import RowSparseAdam
 from metarec_dist.meta.step import MetaConfig, TaskBatch, meta_step
 from metarec_dist.model.encoder import EncoderConfig
 from metarec_dist.model.recommender import ModelConfig, SequenceRecommender
@@ -41,12 +42,15 @@ def ray_cluster():
     ray.shutdown()
 
 
-def tiny_model(catalogs):
+def tiny_model(catalogs, row_sparse=False):
+    """``row_sparse``: the sampled softmax with every item as a candidate (deterministic), so the item
+    tables' gradients are row-sparse and travel between workers as (row ids, rows)."""
     torch.manual_seed(0)
     config = ModelConfig(
         width=8, item_width=6, item_widths={"b": 5},
         encoder=EncoderConfig(layers=1, heads=2, max_length=5, dropout=0.0),
         vq={"num_codebooks": 2, "codewords": 6},
+        **({"loss": "sampled", "sampled_negatives": 100} if row_sparse else {}),
     )
     return SequenceRecommender(config, catalogs)
 
@@ -65,13 +69,13 @@ def run_config(zero_stage, **runner):
                      runner={"zero_stage": zero_stage, **runner})
 
 
-def worker_with_own_sources():
+def worker_with_own_sources(row_sparse=False):
     """In a Ray Train worker: its collective, its own sources and a model holding only those."""
     from metarec_dist.distributed.collective import TorchCollective
 
     collective = TorchCollective()
     own = [s for s in SOURCES if OWNER[s] == collective.rank]
-    return collective, own, tiny_model({"t": CATALOGS["t"], **{s: CATALOGS[s] for s in own}})
+    return collective, own, tiny_model({"t": CATALOGS["t"], **{s: CATALOGS[s] for s in own}}, row_sparse)
 
 
 def run_meta_steps(model, tasks, collective, optimizer, meta, steps=3):
@@ -101,7 +105,7 @@ def meta_step_worker(loop_config):
     """A Ray Train worker: its own sources only, the torch.distributed collective, the worker optimizer."""
     from metarec_dist.distributed.optimizer import WorkerOptimizer
 
-    collective, own, model = worker_with_own_sources()
+    collective, own, model = worker_with_own_sources(loop_config["row_sparse"])
     optimizer = WorkerOptimizer(model, [], run_config(loop_config["zero_stage"]), "t", collective)
     meta = META.model_copy(update={"center": loop_config["center"]})
     with counted_all_reduces() as all_reduces:
@@ -123,8 +127,10 @@ def _without_key_part(qkv_bias: torch.Tensor) -> torch.Tensor:
     return torch.cat([query, value])
 
 
-@pytest.mark.parametrize(("zero_stage", "center"), [(None, False), (0, False), (2, True)])
-def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tmp_path, zero_stage, center):
+@pytest.mark.parametrize(("zero_stage", "center", "row_sparse"),
+                         [(None, False, False), (0, False, False), (2, True, False), (0, False, True)])
+def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tmp_path, zero_stage, center,
+                                                                 row_sparse):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -132,15 +138,17 @@ def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tm
     from metarec_dist.meta.step import LOCAL
 
     order = [s for rank in (0, 1) for s in SOURCES if OWNER[s] == rank]
-    model = tiny_model(CATALOGS)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    model = tiny_model(CATALOGS, row_sparse)
+    assert bool(model.row_sparse_names()) == row_sparse
+    optimizer = RowSparseAdam(model.parameters(), lr=LEARNING_RATE)
     meta = META.model_copy(update={"center": center})  # centering: adaptations summed over workers
     logs, expected = run_meta_steps(model, [task(s) for s in order], LOCAL, optimizer, meta)
     expected_weights = [dict(zip(log.sources, log.weights)) for log in logs]
 
     TorchTrainer(
         meta_step_worker,
-        train_loop_config={"out": str(tmp_path), "zero_stage": zero_stage, "center": center},
+        train_loop_config={"out": str(tmp_path), "zero_stage": zero_stage, "center": center,
+                           "row_sparse": row_sparse},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
         torch_config=TorchConfig(backend="gloo", timeout_s=120),
         run_config=RunConfig(storage_path=str(tmp_path / "ray")),

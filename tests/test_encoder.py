@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from metarec_dist.meta.row_sparse_adam import RowSparseAdam
 from metarec_dist.model.encoder import EncoderConfig, SequenceEncoder, encoded_length, length_groups
 from metarec_dist.model.recommender import ModelConfig, SequenceRecommender
 
@@ -92,7 +93,7 @@ def test_training_reduces_the_loss(overrides):
     rng = np.random.default_rng(0)
     inputs = torch.as_tensor(rng.integers(1, 21, (16, 6)))
     targets = (inputs % 20) + 1  # a learnable next-item rule
-    optimizer = torch.optim.Adam(recommender.parameters(), lr=1e-2)
+    optimizer = RowSparseAdam(recommender.parameters(), lr=1e-2)  # the sampled loss: row-sparse tables
     first = None
     for _ in range(100):
         loss = recommender("t", inputs, targets).loss
@@ -177,10 +178,11 @@ def test_sampled_softmax_with_every_item_as_candidate_equals_the_full_softmax(sc
         losses.append(out.loss)
         gradients.append(torch.autograd.grad(out.loss, list(recommender.parameters()), allow_unused=True))
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    assert any(g is not None and g.is_sparse for g in gradients[1])  # the sampled loss's tables: row-sparse
     for full, sampled in zip(*gradients):
         assert (full is None) == (sampled is None)
         if full is not None:
-            assert torch.allclose(full, sampled, atol=1e-6)
+            assert torch.allclose(full, sampled.to_dense() if sampled.is_sparse else sampled, atol=1e-6)
 
 
 def test_quantizing_some_items_equals_the_same_rows_of_quantizing_every_item():
@@ -200,8 +202,12 @@ def test_a_training_step_reads_and_updates_only_the_items_of_its_batch(loss):
     torch.manual_seed(0)
     out = recommender("a", inputs, targets)
     out.loss.backward()
-    table_gradient = recommender.domains["a"].embedding.weight.grad
     touched = torch.unique(torch.cat([inputs.flatten(), targets.flatten()]))
+    table_gradient = recommender.domains["a"].embedding.weight.grad
+    if loss == "sampled":  # row-sparse: the gradient holds the rows read (inputs, targets, negatives) only
+        assert table_gradient.is_sparse
+        assert len(table_gradient.coalesce().indices()[0]) <= len(touched) + 3
+        table_gradient = table_gradient.to_dense()
     untouched = torch.ones(31, dtype=torch.bool)
     untouched[touched] = False
     if loss == "full":  # every item is scored, only the batch's inputs are quantized

@@ -25,6 +25,10 @@ update, a sum over all tasks of all workers, applied by four owners:
 - **a source's own parameters**: only on the worker that owns the source,
   updated from that worker's gradient alone.
 
+Item tables trained with row-sparse gradients (``model.item_gradients``) are
+summed as (row ids, rows) and updated row by row (``RowSparseAdam``), so
+neither the collective nor the update grows with the catalog.
+
 Every update is Adam with the run's learning rate and weight decay, so with
 one worker, or with ``runner.zero_stage`` off, the result equals the
 single-process step (tests/test_distributed.py checks it across 2 workers).
@@ -45,6 +49,7 @@ from metarec_dist.distributed.deepspeed_ops import load_deepspeed_ops
 from metarec_dist.distributed.deepspeed_private import give_deepspeed_a_world_group, link_zero_optimizer_state
 from metarec_dist.errors import ConfigError
 from metarec_dist.meta.config import ExperimentConfig
+from metarec_dist.meta.row_sparse_adam import RowSparseAdam
 from metarec_dist.meta.step import Collective
 from metarec_dist.model.recommender import SequenceRecommender
 
@@ -52,11 +57,44 @@ log = logging.getLogger(__name__)
 
 
 def summed_gradients(parameters: list[torch.Tensor], collective: Collective) -> list[torch.Tensor | None]:
-    """Each parameter's gradient summed over workers, in one flat all-reduce.
+    """Each parameter's gradient summed over workers: dense ones in one flat all-reduce; item
+    tables with row-sparse gradients as (row ids, rows), gathered and added (never densified).
 
     None where no worker has a gradient (the target's table during pre-training on
     sources, say): Adam then skips the parameter, as it does in one process.
     """
+    sparse = [i for i, p in enumerate(parameters) if getattr(p, "row_sparse", False)]
+    dense = [i for i in range(len(parameters)) if i not in set(sparse)]
+    summed: list[torch.Tensor | None] = [None] * len(parameters)
+    for i, gradient in zip(dense, _summed_dense([parameters[i] for i in dense], collective)):
+        summed[i] = gradient
+    for i, gradient in zip(sparse, _summed_rows([parameters[i] for i in sparse], collective)):
+        summed[i] = gradient
+    return summed
+
+
+def _summed_rows(parameters: list[torch.Tensor], collective: Collective) -> list[torch.Tensor | None]:
+    """Row-sparse gradients summed over workers: each worker's (row ids, rows) gathered in one round."""
+    if not parameters:
+        return []
+    mine = [None if p.grad is None else p.grad.coalesce() for p in parameters]
+    if collective.world_size == 1:
+        return mine
+    shipped = [None if g is None else (g.indices(), g.values()) for g in mine]
+    everyone = collective.all_gather_object(shipped)
+    summed = []
+    for index, p in enumerate(parameters):
+        parts = [worker[index] for worker in everyone if worker[index] is not None]
+        if not parts:
+            summed.append(None)
+            continue
+        indices = torch.cat([rows for rows, _ in parts], dim=1)
+        values = torch.cat([values for _, values in parts])
+        summed.append(torch.sparse_coo_tensor(indices, values, p.shape).coalesce())
+    return summed
+
+
+def _summed_dense(parameters: list[torch.Tensor], collective: Collective) -> list[torch.Tensor | None]:
     gradients = [_grad_or_zero(p) for p in parameters]
     present = [p.grad is not None for p in parameters]
     if collective.world_size > 1 and parameters:
@@ -98,11 +136,11 @@ class WorkerOptimizer:
         replicated_groups: list[dict[str, Any]] = [{"params": target_parameters}]
         if inner_lrs:
             replicated_groups.append({"params": list(inner_lrs), "lr": config.meta.inner_lr_learning_rate})
-        self.replicated_adam = torch.optim.Adam(replicated_groups, **adam)
+        self.replicated_adam = RowSparseAdam(replicated_groups, **adam)
 
         taken = set(encoder_names) | set(target_names) | {"quantizer.codebooks"}
         own = [p for n, p in named.items() if n not in taken]  # this worker's sources
-        self.local_adam = torch.optim.Adam(own, **adam) if own else None
+        self.local_adam = RowSparseAdam(own, **adam) if own else None
 
         # The codebook: Adam over this worker's codebooks only.
         self.codebooks = named.get("quantizer.codebooks")

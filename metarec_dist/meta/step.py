@@ -37,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metarec_dist.config import StrictModel
 from metarec_dist.data.batches import NextItemBatch
+from metarec_dist.meta.row_sparse_adam import empty_row_gradient
 from metarec_dist.model.recommender import SequenceRecommender
 
 Params = dict[str, torch.Tensor]
@@ -146,7 +147,10 @@ def run_task(
 
 
 def _zero_if_none(gradient: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like) if gradient is None else gradient
+    """A missing gradient as zeros: no rows for a table whose gradients are row-sparse."""
+    if gradient is not None:
+        return gradient
+    return empty_row_gradient(like) if getattr(like, "row_sparse", False) else torch.zeros_like(like)
 
 
 def _sgd_step(fast, shared, gradients, rates, config, step, second_order) -> Params:
@@ -223,8 +227,14 @@ def task_update(result: TaskResult, config: MetaConfig) -> TaskResult:
 
 def combine(gradients: list[Params], weights: torch.Tensor) -> Params:
     """sum_i w_i g_i, per tensor (a sum over tasks, never an average over workers)."""
-    names = gradients[0].keys()
-    return {name: sum(float(w) * g[name] for w, g in zip(weights, gradients)) for name in names}
+    combined = {}
+    for name in gradients[0]:
+        terms = [float(w) * g[name] for w, g in zip(weights, gradients)]
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term  # not sum(): 0 + a sparse tensor is not defined
+        combined[name] = total
+    return combined
 
 
 # --- the processes a meta-step spans ------------------------------------------------

@@ -44,6 +44,7 @@ from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.evaluation import rank_users
 from metarec_dist.meta.method_steps import MethodSteps
 from metarec_dist.meta.records import LoopState, SourceWeights, StepTime
+from metarec_dist.meta.row_sparse_adam import RowSparseAdam
 from metarec_dist.meta.sampling import BatchSampler
 from metarec_dist.meta.step import LOCAL, Collective, MetaConfig, initial_inner_lrs, reduced_names
 from metarec_dist.meta.training_data import TrainingData
@@ -337,8 +338,9 @@ OptimizerFactory = Callable[[SequenceRecommender, list[torch.Tensor], Experiment
 def local_adam(
     model: SequenceRecommender, inner_lrs: list[torch.Tensor], config: ExperimentConfig
 ) -> torch.optim.Optimizer:
-    """Adam over every parameter in this process (learned inner rates at their own rate)."""
+    """Adam over every parameter in this process (learned inner rates at their own rate); item tables
+    with row-sparse gradients get row-wise updates."""
     groups = [{"params": list(model.parameters())}]
     if inner_lrs:
         groups.append({"params": inner_lrs, "lr": config.meta.inner_lr_learning_rate})
-    return torch.optim.Adam(groups, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
+    return RowSparseAdam(groups, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)

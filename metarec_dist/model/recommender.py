@@ -59,6 +59,10 @@ class ModelConfig(StrictModel):
         1024, ge=1, description="uniform negatives shared by a batch (sampled softmax); at least the catalog's "
         "size: every item, which is the full softmax"
     )
+    item_gradients: Literal["auto", "dense", "row_sparse"] = Field(
+        "auto", description="row_sparse: an item table's gradient holds only the rows a step read, and "
+        "only those rows are updated (lazy Adam); auto: row_sparse for the tables trained with the sampled softmax"
+    )
     precision: Literal["fp32", "bf16"] = "fp32"
     vq: VQConfig = VQConfig()
     encoder: EncoderConfig = EncoderConfig()
@@ -84,6 +88,7 @@ class DomainItems(nn.Module):
     ):
         super().__init__()
         self.num_items = num_items
+        self.row_sparse = False  # set by the model: gradients of the rows read only
         self.embedding = nn.Embedding(num_items + 1, width, padding_idx=PAD)
         # Unless init_std says otherwise: through an adapter, tables start at unit-scale rows
         # (1/sqrt(width) per entry) so quantization has distinct vectors to tell apart; id
@@ -111,7 +116,8 @@ class DomainItems(nn.Module):
     def forward(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Items' vectors before quantization: ``ids`` [R] -> [R, D]; None: every row, [N + 1, D]
         (row 0 is padding). Only the rows asked for are read and adapted."""
-        rows = self.embedding.weight if ids is None else F.embedding(ids, self.embedding.weight)
+        weight = self.embedding.weight
+        rows = weight if ids is None else F.embedding(ids, weight, sparse=self.row_sparse)
         return rows if self.adapter is None else self.adapter(rows)
 
 
@@ -166,6 +172,9 @@ class SequenceRecommender(nn.Module):
                     for name, num_items in catalogs.items()
                 }
             )
+        for name, items in zip(catalogs, self.domains.values()):
+            # The flag on the parameter too: code holding only the tensor (meta-gradients) reads it.
+            items.row_sparse = items.embedding.weight.row_sparse = self._row_sparse(name)
         self.initialize_codebook()
 
     @torch.no_grad()
@@ -240,6 +249,15 @@ class SequenceRecommender(nn.Module):
         if self.config.loss == "auto":
             return num_items <= self.config.full_softmax_max_items
         return self.config.loss == "full"
+
+    def _row_sparse(self, domain: str) -> bool:
+        if self.config.item_gradients == "auto":
+            return not self.uses_full_softmax(domain)
+        return self.config.item_gradients == "row_sparse"
+
+    def row_sparse_names(self) -> list[str]:
+        """The item tables whose gradients are row-sparse (``item_gradients``)."""
+        return [f"domains.{key}.embedding.weight" for key, items in self.domains.items() if items.row_sparse]
 
     def _autocast(self):
         device_type = next(self.parameters()).device.type
