@@ -205,6 +205,7 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from metarec_dist.config import load_config
     from metarec_dist.meta.config import ExperimentConfig
+    from metarec_dist.meta.memory_check import check_training_memory
     from metarec_dist.meta.saved_run import MODEL_FILE
     from metarec_dist.meta.trainer import Trainer
     from metarec_dist.meta.training_data import check_domains_present, load_training_data
@@ -224,6 +225,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         config = load_config(ExperimentConfig, args.config, args.overrides)
     check_domains_present(config)  # fails on a missing domain before anything is written
+    check_training_memory(config)  # and on a run that cannot fit in memory
     if resume_from is None:
         run_dir = create_run_dir(config.output_dir, f"{config.method}-{config.data.target}")
         write_yaml(run_dir / "config.yaml", config.model_dump(mode="json"))
