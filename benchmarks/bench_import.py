@@ -2,10 +2,10 @@
 """Import rate of ``metarec_dist.data.importer.import_file`` on a large CSV.
 
 Data: one synthetic CSV (``user_id,item_id,timestamp``; int64 ids, int64 unix
-seconds), generated once with numpy and ``pyarrow.csv.write_csv`` from a fixed
-seed. Its shape imitates a real interaction log: Zipf-like item popularity,
-log-normal user activity, ids not ordered by popularity or activity, and
-timestamps drawn at random, so the rows are in neither user nor time order.
+seconds) from ``metarec_dist.data.interaction_log`` with a fixed seed: every
+item at least once, then Zipf-like item popularity, log-normal user activity,
+ids not ordered by popularity or activity, and timestamps drawn at random, so
+the rows are in neither user nor time order.
 
 Measurement: every repeat starts two fresh Python processes, each writing into
 its own fresh store directory:
@@ -50,15 +50,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from metarec_dist.data.interaction_log import interaction_log
 from metarec_dist.machine import machine_description
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 1234
-ITEM_ZIPF_EXPONENT = 1.0  # item popularity p(rank) ~ 1 / (rank + ITEM_ZIPF_OFFSET) ** exponent
-ITEM_ZIPF_OFFSET = 10.0
-USER_ACTIVITY_SIGMA = 1.0  # user activity weights ~ lognormal(0, sigma)
-TIME_START = 1_388_534_400  # 2014-01-01 UTC
-TIME_END = 1_704_067_200  # 2024-01-01 UTC
 PHASES = ("read", "build", "hash", "write")
 
 # Code run in each fresh child process: argv = mode, csv path, store directory.
@@ -113,27 +109,8 @@ print("RESULT " + json.dumps(out))
 
 
 def make_csv(path: Path, interactions: int, users: int, items: int, seed: int) -> None:
-    """Write the synthetic interaction log (see module docstring) to ``path``."""
-    rng = np.random.default_rng(seed)
-
-    activity = rng.lognormal(0.0, USER_ACTIVITY_SIGMA, size=users)
-    user_of_rank = rng.permutation(users)  # ids unrelated to activity
-    user_ids = user_of_rank[rng.choice(users, size=interactions, p=activity / activity.sum())]
-
-    popularity = 1.0 / (np.arange(items) + ITEM_ZIPF_OFFSET) ** ITEM_ZIPF_EXPONENT
-    item_of_rank = rng.permutation(items)  # ids unrelated to popularity
-    item_ids = item_of_rank[rng.choice(items, size=interactions, p=popularity / popularity.sum())]
-
-    timestamps = rng.integers(TIME_START, TIME_END, size=interactions, dtype=np.int64)
-
-    table = pa.table(
-        {
-            "user_id": user_ids.astype(np.int64),
-            "item_id": item_ids.astype(np.int64),
-            "timestamp": timestamps,
-        }
-    )
-    pacsv.write_csv(table, path)
+    """Write the synthetic interaction log (``metarec_dist.data.interaction_log``) to ``path``."""
+    pacsv.write_csv(interaction_log(interactions, users, items, seed), path)
 
 
 # --- one measurement ---------------------------------------------------------------
@@ -271,10 +248,7 @@ def main() -> None:
             "items": args.items,
             "repeats": args.repeats,
             "seed": SEED,
-            "item_zipf_exponent": ITEM_ZIPF_EXPONENT,
-            "item_zipf_offset": ITEM_ZIPF_OFFSET,
-            "user_activity_lognormal_sigma": USER_ACTIVITY_SIGMA,
-            "time_range": [TIME_START, TIME_END],
+            "generator": "metarec_dist.data.interaction_log.interaction_log",
         },
         "data": {"csv_bytes": file_bytes, "generation_seconds": round(generation_seconds, 3)},
         "import_report": report,

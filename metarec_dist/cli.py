@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from metarec_dist.allocator import keep_freed_memory
@@ -75,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
     generate.add_argument("--overwrite", action="store_true", help="replace domains made with other settings")
+
+    log = data.add_parser("generate-log", help="generate one large domain: a Zipf-popularity interaction log")
+    _add_store(log)
+    log.add_argument("--name", required=True, help="domain name")
+    log.add_argument("--items", type=_positive, required=True, help="catalog size")
+    log.add_argument("--users", type=_positive, help="default: items / 5")
+    log.add_argument("--interactions", type=_positive, help="default: 5 per item")
+    log.add_argument("--seed", type=int, default=0)
+    log.add_argument("--overwrite", action="store_true", help="replace an existing domain of this name")
     train = commands.add_parser("train", help="train one method on domains from a store")
     train.add_argument("config", type=Path, nargs="?", help="run config YAML (see configs/)")
     train.add_argument(
@@ -421,12 +431,35 @@ def cmd_data_generate(args: argparse.Namespace) -> None:
     print(f"{len(results)} synthetic domains in {args.store} ({written} written, seed {config.seed})")
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def cmd_data_generate_log(args: argparse.Namespace) -> None:
+    from metarec_dist.data.interaction_log import generate_interaction_domain
+    from metarec_dist.data.store import DomainStore
+
+    users = args.users or max(args.items // 5, 1)
+    interactions = args.interactions or 5 * args.items
+    started = time.perf_counter()
+    report = generate_interaction_domain(DomainStore(args.store), args.name, interactions, users, args.items,
+                                         args.seed, overwrite=args.overwrite)
+    counts = report.as_dict()
+    print(f"{args.name}: {counts['users']:,} users, {counts['items']:,} items, {counts['interactions']:,} "
+          f"interactions in {args.store} ({time.perf_counter() - started:.1f} s)")
+
+
 COMMANDS = {
     ("train", None): cmd_train,
     ("data", "import"): cmd_data_import,
     ("data", "describe"): cmd_data_describe,
     ("data", "list"): cmd_data_list,
     ("data", "generate"): cmd_data_generate,
+    ("data", "generate-log"): cmd_data_generate_log,
     ("evaluate", None): cmd_evaluate,
     ("export", None): cmd_export,
     ("bench", "retrieval"): cmd_bench_retrieval,

@@ -5,6 +5,7 @@ import time
 import numpy as np
 import pytest
 
+from metarec_dist.data.store import DomainStore
 from metarec_dist.data.synthetic import (
     SyntheticConfig,
     domain_specs,
@@ -116,3 +117,17 @@ def test_two_hundred_domains_generate_in_seconds(store):
     # Measured about 2.3 s on a 2-core machine (docs/BENCHMARKS.md); this bound only
     # catches a loss of vectorisation, not noise.
     assert elapsed < 30, f"200 domains took {elapsed:.1f} s"
+
+
+def test_a_generated_interaction_log_covers_its_catalog_with_zipf_popularity(tmp_path, capsys):
+    from metarec_dist.cli import main
+
+    root = tmp_path / "store"
+    assert main(["data", "generate-log", "--store", str(root), "--name", "log", "--items", "20000"]) == 0
+    domain = DomainStore(root).open("log")
+    counts = np.bincount(domain.sequences.values, minlength=domain.num_items + 1)[1:]
+    assert domain.num_items > 0.98 * 20_000 and counts.min() >= 1  # every item occurs (a few left with short users)
+    top = np.sort(counts)[::-1]
+    assert top[0] > 50 * np.median(counts) and domain.meta["source"]["settings"]["seed"] == 0
+    assert main(["data", "generate-log", "--store", str(root), "--name", "log", "--items", "10"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
