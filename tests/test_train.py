@@ -163,3 +163,12 @@ def test_early_stopping_keeps_the_best_validation_and_stops_after_patience_worse
     assert (loop.best_step, loop.best_metric, loop.stale, loop.stopped) == (2, 0.3, 2, False)  # ties do not improve
     assert not loop.record_validation({"step": 5, "valid": {"m": 0.29}}, 0.29, patience=3, first=False)
     assert loop.stopped and loop.best_valid == {"m": 0.3} and len(loop.history) == 6
+
+
+def test_validation_on_a_user_sample_ranks_those_users_and_the_test_ranks_everyone(synthetic_store, tmp_path):
+    config = load_config(ExperimentConfig, write_config(tmp_path, synthetic_store, method="target_only"),
+                         ["eval.valid_users=50", "train.steps=4", "train.eval_every=2"])
+    outcome = Trainer(config, load_training_data(config), progress=False).run()
+    results = outcome.results
+    assert [entry["valid"]["users"] for entry in results["history"]] == [50, 50]
+    assert results["test"]["users"] == load_training_data(config).split.num_users > 50

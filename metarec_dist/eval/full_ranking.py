@@ -57,6 +57,10 @@ class EvalConfig(StrictModel):
     exclude_seen: Literal["history", "none"] = "history"
     allow_repeats: bool = False
     batch_size: int = Field(default=1024, gt=0)
+    valid_users: int | None = Field(
+        default=None, ge=1, description="validate on a fixed random sample of this many users (default: all); "
+        "the test ranks every user"
+    )
     retrieval: RetrievalConfig = RetrievalConfig()
 
     @field_validator("ks")

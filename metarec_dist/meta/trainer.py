@@ -142,13 +142,18 @@ class Trainer:
     # --- evaluation ----------------------------------------------------------------
 
     def evaluate(self, stage: str) -> dict[str, float]:
-        """Full-catalog ranking of the target's validation or test items, every user (a collective).
+        """Full-catalog ranking of the target's validation or test items (a collective).
 
-        Each process ranks its slice of the users (``users[rank::world]``)
+        Every user, or at validation ``eval.valid_users`` of them (the same ones each
+        time). Each process ranks its slice of the users (``users[rank::world]``)
         through the configured searcher; the ranks are gathered, so every
-        process returns the metrics over all users.
+        process returns the metrics over all of them.
         """
-        users = np.arange(self.data.split.num_users)[self.collective.rank :: self.collective.world_size]
+        users = np.arange(self.data.split.num_users)
+        sample = self.config.eval.valid_users
+        if stage == "valid" and sample is not None and sample < len(users):  # the same users at every validation
+            users = np.sort(np.random.default_rng(self.config.train.seed).choice(len(users), sample, replace=False))
+        users = users[self.collective.rank :: self.collective.world_size]
         self.model.eval()
         try:
             ranks = rank_users(
