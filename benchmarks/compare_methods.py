@@ -16,13 +16,14 @@ on the full target data).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from metarec_dist.config import load_config
+from metarec_dist.machine import machine_description
 from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.trainer import Trainer
 from metarec_dist.meta.training_data import load_training_data
@@ -89,11 +90,13 @@ def main() -> None:
         rows.append(row)
     print()
     print(format_table(rows, ["method", "seeds", *METRICS, "seconds"]))
-    print(f"total {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores ({platform.processor() or 'cpu'})")
+    machine = machine_description(torch=torch.__version__, threads=str(torch.get_num_threads()))
+    print(f"total {time.perf_counter() - started:.0f} s on {machine['cpu_model']}, {machine['cpu_count']} cores, "
+          f"bf16: {machine['cpu_bf16']}")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.output, {"config": str(args.config), "overrides": args.overrides, "table": rows,
-                                 "runs": records})
+        write_json(args.output, {"config": str(args.config), "overrides": args.overrides, "machine": machine,
+                                 "table": rows, "runs": records})
         print(f"wrote {args.output}")
 
 
