@@ -62,6 +62,7 @@ def main() -> None:
     args = parse_args()
     records = []
     started = time.perf_counter()
+    machine = machine_description(torch=torch.__version__, threads=str(torch.get_num_threads()))
     for label, overrides in runs_to_make(args):
         for seed in args.seeds:
             config = load_config(ExperimentConfig, args.config, [*args.overrides, *overrides, f"train.seed={seed}"])
@@ -77,7 +78,27 @@ def main() -> None:
                 f"{results['wall_seconds']:.0f} s)",
                 flush=True,
             )
+            if args.output:  # after every run, so a stopped comparison keeps what it measured
+                save(args, machine, summary_rows(records), records)
 
+    rows = summary_rows(records)
+    print()
+    print(format_table(rows, ["method", "seeds", *METRICS, "seconds"]))
+    print(f"total {time.perf_counter() - started:.0f} s on {machine['cpu_model']}, {machine['cpu_count']} cores, "
+          f"bf16: {machine['cpu_bf16']}")
+    if args.output:
+        save(args, machine, rows, records)
+        print(f"wrote {args.output}")
+
+
+def save(args: argparse.Namespace, machine: dict, rows: list[dict], records: list[dict]) -> None:
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.output, {"config": str(args.config), "overrides": args.overrides, "machine": machine,
+                             "table": rows, "runs": records})
+
+
+def summary_rows(records: list[dict]) -> list[dict]:
+    """Mean ± standard deviation of each test metric per row label."""
     rows = []
     for label in dict.fromkeys(record["label"] for record in records):
         mine = [record["results"] for record in records if record["label"] == label]
@@ -88,16 +109,7 @@ def main() -> None:
             row[metric] = f"{statistics.mean(values):.4f} ± {spread:.4f}"
         row["seconds"] = round(statistics.mean(result["wall_seconds"] for result in mine), 1)
         rows.append(row)
-    print()
-    print(format_table(rows, ["method", "seeds", *METRICS, "seconds"]))
-    machine = machine_description(torch=torch.__version__, threads=str(torch.get_num_threads()))
-    print(f"total {time.perf_counter() - started:.0f} s on {machine['cpu_model']}, {machine['cpu_count']} cores, "
-          f"bf16: {machine['cpu_bf16']}")
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.output, {"config": str(args.config), "overrides": args.overrides, "machine": machine,
-                                 "table": rows, "runs": records})
-        print(f"wrote {args.output}")
+    return rows
 
 
 if __name__ == "__main__":
