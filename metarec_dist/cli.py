@@ -96,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set train.steps=500",
     )
 
+    compare = commands.add_parser("compare", help="train several methods over seeds on one config and compare them")
+    compare.add_argument("config", type=Path, help="run config YAML (see configs/)")
+    compare.add_argument("--methods", nargs="*", default=["target_only", "joint", "uniform", "metarec"],
+                         choices=["target_only", "joint", "uniform", "metarec"])
+    compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key for every run")
+    compare.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                         help="override a config key for one method's runs")
+    compare.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                         help="an extra named row with its own overrides (e.g. target_only on 100%% of the data)")
+
     evaluate = commands.add_parser("evaluate", help="re-evaluate a finished run's model (validation and test)")
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory with model.pt")
     evaluate.add_argument(
@@ -216,14 +228,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from metarec_dist.config import load_config
     from metarec_dist.meta.config import ExperimentConfig
     from metarec_dist.meta.memory_check import check_training_memory
-    from metarec_dist.meta.saved_run import MODEL_FILE
-    from metarec_dist.meta.trainer import Trainer
-    from metarec_dist.meta.training_data import check_domains_present, load_training_data
-    from metarec_dist.report.plots import write_plots
-    from metarec_dist.report.progress import ProgressPrinter
-    from metarec_dist.report.run_directory import create_run_dir, save_state, write_json, write_yaml
+    from metarec_dist.meta.training_data import check_domains_present
+    from metarec_dist.report.run_directory import create_run_dir, write_yaml
     from metarec_dist.report.summary import format_run_summary
-    from metarec_dist.report.tensorboard import TensorBoardLog
 
     if (args.config is None) == (args.resume is None):
         raise ConfigError("train: give a CONFIG file, or --resume RUN_DIR (not both)")
@@ -239,6 +246,29 @@ def cmd_train(args: argparse.Namespace) -> None:
     if resume_from is None:
         run_dir = create_run_dir(config.output_dir, f"{config.method}-{config.data.target}")
         write_yaml(run_dir / "config.yaml", config.model_dump(mode="json"))
+    try:
+        outcome, plots, tensorboard = train_into(run_dir, config, resume_from)
+    except RunInterrupted as interrupted:
+        _record_interruption(run_dir, config, interrupted.step, args)
+        raise
+    print(format_run_summary(outcome.results))
+    print(f"plots: {', '.join(str(path) for path in plots)}")
+    if tensorboard is not None:
+        print(f"tensorboard: tensorboard --logdir {tensorboard.directory}")
+    print(f"results: {run_dir / 'results.json'}")
+
+
+def train_into(run_dir: Path, config, resume_from: Path | None = None):
+    """Train ``config`` (in this process, or on Ray Train workers) into ``run_dir``: its log,
+    ``model.pt``, ``results.json`` and plots. Returns (outcome, plots, TensorBoard log or None)."""
+    from metarec_dist.meta.saved_run import MODEL_FILE
+    from metarec_dist.meta.trainer import Trainer
+    from metarec_dist.meta.training_data import load_training_data
+    from metarec_dist.report.plots import write_plots
+    from metarec_dist.report.progress import ProgressPrinter
+    from metarec_dist.report.run_directory import save_state, write_json
+    from metarec_dist.report.tensorboard import TensorBoardLog
+
     file_log = logging.FileHandler(run_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package_log = logging.getLogger("metarec_dist")
@@ -273,19 +303,91 @@ def cmd_train(args: argparse.Namespace) -> None:
         save_state(run_dir / MODEL_FILE, outcome.best_state)
         write_json(run_dir / "results.json", outcome.results)
         plots = write_plots(outcome.results, run_dir)
-    except RunInterrupted as interrupted:
-        _record_interruption(run_dir, config, interrupted.step, args)
-        raise
     finally:
         package_log.removeHandler(file_log)
         file_log.close()
         if tensorboard is not None:
             tensorboard.close()
-    print(format_run_summary(outcome.results))
-    print(f"plots: {', '.join(str(path) for path in plots)}")
-    if tensorboard is not None:
-        print(f"tensorboard: tensorboard --logdir {tensorboard.directory}")
-    print(f"results: {run_dir / 'results.json'}")
+    return outcome, plots, tensorboard
+
+
+def comparison_runs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(row label, overrides) for every method and variant of ``metarec-dist compare``."""
+    per_method: dict[str, list[str]] = {}
+    for item in args.method_set:
+        method, separator, override = item.partition(":")
+        if not separator or method not in args.methods:
+            raise ConfigError(f"--method-set {item}: expected METHOD:KEY=VALUE with METHOD one of {args.methods}")
+        per_method.setdefault(method, []).append(override)
+    rows = [(method, [f"method={method}", *per_method.get(method, [])]) for method in args.methods]
+    for item in args.variant:
+        name, separator, overrides = item.partition(":")
+        if not separator or not name or name in dict(rows):
+            raise ConfigError(f"--variant {item}: expected a new NAME:KEY=VALUE[,KEY=VALUE]")
+        rows.append((name, overrides.split(",")))
+    if not rows:
+        raise ConfigError("compare: give at least one of --methods or --variant")
+    return rows
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from metarec_dist.config import load_config
+    from metarec_dist.meta.config import ExperimentConfig
+    from metarec_dist.meta.memory_check import check_training_memory
+    from metarec_dist.meta.training_data import check_domains_present
+    from metarec_dist.report.comparison import comparison_plot, summary_rows, table_rows
+    from metarec_dist.report.run_directory import create_run_dir, write_json, write_yaml
+    from metarec_dist.report.tables import format_table
+
+    planned = []  # every run's config, checked before anything is written
+    for label, overrides in comparison_runs(args):
+        for seed in args.seeds:
+            config = load_config(ExperimentConfig, args.config, [*args.overrides, *overrides, f"train.seed={seed}"])
+            check_domains_present(config)
+            check_training_memory(config)
+            planned.append((label, seed, config))
+    first = planned[0][2]
+    directory = create_run_dir(first.output_dir, f"compare-{first.data.target}")
+    print(f"comparison directory: {directory} ({len(planned)} runs)", file=sys.stderr)
+    records = []
+    for label, seed, config in planned:
+        run_dir = directory / f"{label}-seed{seed}"
+        run_dir.mkdir()
+        write_yaml(run_dir / "config.yaml", config.model_dump(mode="json"))
+        try:
+            outcome, _, _ = train_into(run_dir, config)
+        except RunInterrupted:
+            done = f"; the {len(records)} finished runs are in {directory / 'comparison.json'}" if records else ""
+            print(f"interrupted during {run_dir.name}{done}", file=sys.stderr)
+            raise
+        results = outcome.results
+        records.append({"label": label, "seed": seed, "run": run_dir.name, "results": results})
+        print(f"{label} seed {seed}: test NDCG@10 {results['test']['NDCG@10']:.4f} HR@10 "
+              f"{results['test']['HR@10']:.4f} (best step {results['best_step']}, {results['wall_seconds']:.0f} s)",
+              file=sys.stderr)
+        write_json(directory / "comparison.json", _comparison_json(args, records, summary_rows(records)))
+    rows = summary_rows(records)
+    write_json(directory / "comparison.json", _comparison_json(args, records, rows))
+    plot = comparison_plot(rows, directory / "comparison.png")
+    cells = table_rows(rows)
+    print(format_table(cells, list(cells[0])))
+    print("* best mean; every run selected its model on validation, the test split was read once per run")
+    print(f"results: {directory / 'comparison.json'}\nplot: {plot}")
+
+
+def _comparison_json(args: argparse.Namespace, records: list[dict], rows: list[dict]) -> dict:
+    from metarec_dist.machine import machine_description
+
+    def slim(results: dict) -> dict:  # per-step histories stay in each run's results.json
+        kept = {k: v for k, v in results.items() if k != "history"}
+        if "source_weights" in kept:
+            kept["source_weights"] = {"final": kept["source_weights"]["final"]}
+        return kept
+
+    runs = [{**record, "results": slim(record["results"])} for record in records]
+    return {"config": str(args.config), "overrides": args.overrides, "method_overrides": args.method_set,
+            "variants": args.variant, "seeds": args.seeds, "machine": machine_description(), "table": rows,
+            "runs": runs}
 
 
 def _record_interruption(run_dir: Path, config, step: int | None, args: argparse.Namespace) -> None:
@@ -455,6 +557,7 @@ def cmd_data_generate_log(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     ("train", None): cmd_train,
+    ("compare", None): cmd_compare,
     ("data", "import"): cmd_data_import,
     ("data", "describe"): cmd_data_describe,
     ("data", "list"): cmd_data_list,

@@ -31,7 +31,8 @@ def write_plots(results: dict[str, Any], run_dir: Path) -> list[Path]:
     return written
 
 
-def _save(figure, path: Path) -> Path:
+def save_figure(figure, path: Path) -> Path:
+    """Write ``figure`` as a PNG, atomically, and close it."""
     import io
 
     buffer = io.BytesIO()
@@ -54,7 +55,7 @@ def _loss_plot(results: dict[str, Any], path: Path) -> Path:
     metric_axis.set_ylabel(f"validation {metric}", color="tab:orange")
     metric_axis.axvline(results["best_step"], color="gray", linestyle=":", linewidth=1)
     loss_axis.set_title(f"{results['method']} on {results['target']}")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _weights_plot(results: dict[str, Any], path: Path) -> Path:
@@ -80,7 +81,7 @@ def _weights_plot(results: dict[str, Any], path: Path) -> Path:
     axis.set_ylabel("mean weight (1 = uniform share)")
     axis.set_title("which sources the target listens to")
     axis.legend(fontsize=7, ncol=2, loc="best")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def recall_throughput_plot(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -99,4 +100,4 @@ def recall_throughput_plot(rows: list[dict[str, Any]], path: Path) -> Path:
         axis.set_title(f"{items:,} items x {width}")
         axis.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower left")
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -1,0 +1,43 @@
+"""`metarec-dist compare`: several methods over seeds, each a full training run, one table and plot."""
+
+import json
+
+from conftest import write_config
+
+from metarec_dist.cli import main
+
+
+def test_compare_trains_every_method_and_seed_and_summarises_the_test_metrics(synthetic_store, tmp_path, capsys):
+    config = write_config(tmp_path, synthetic_store)
+    code = main(["compare", str(config), "--methods", "target_only", "metarec", "--seeds", "0", "1",
+                 "--method-set", "metarec:meta.temperature=0.5",
+                 "--variant", "target_only_small_batch:method=target_only,train.batch_size=8"])
+    assert code == 0
+    out = capsys.readouterr().out
+    [directory] = (tmp_path / "runs").iterdir()
+    comparison = json.loads((directory / "comparison.json").read_text())
+    assert [row["method"] for row in comparison["table"]] == ["target_only", "metarec", "target_only_small_batch"]
+    assert {(run["label"], run["seed"]) for run in comparison["runs"]} == {
+        (label, seed) for label in ("target_only", "metarec", "target_only_small_batch") for seed in (0, 1)}
+    for run in comparison["runs"]:  # every run is a complete run directory of its own
+        results = json.loads((directory / run["run"] / "results.json").read_text())
+        assert results["test"] == run["results"]["test"] and results["seed"] == run["seed"]
+        assert (directory / run["run"] / "model.pt").is_file()
+    metarec = [run for run in comparison["runs"] if run["label"] == "metarec"]
+    assert all((directory / run["run"] / "config.yaml").read_text().count("temperature: 0.5") == 1 for run in metarec)
+    ndcg = {row["method"]: row["NDCG@10"] for row in comparison["table"]}
+    best = max(ndcg, key=lambda method: ndcg[method]["mean"])
+    assert [method for method in ndcg if ndcg[method]["best"]] == [best]
+    values = [run["results"]["test"]["NDCG@10"] for run in comparison["runs"] if run["label"] == "target_only"]
+    assert ndcg["target_only"]["values"] == values and ndcg["target_only"]["std"] > 0
+    assert (directory / "comparison.png").stat().st_size > 0
+    assert f"{ndcg[best]['mean']:.4f} ± {ndcg[best]['std']:.4f} *" in out
+
+
+def test_compare_refuses_a_bad_method_override_before_anything_is_written(synthetic_store, tmp_path, capsys):
+    config = write_config(tmp_path, synthetic_store)
+    assert main(["compare", str(config), "--methods", "target_only", "--method-set", "metarec:train.steps=5"]) == 2
+    assert "--method-set metarec:train.steps=5" in capsys.readouterr().err
+    assert main(["compare", str(config), "--methods", "target_only", "--set", "train.steps=0"]) == 2
+    assert "train.steps" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
