@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.steps=500",
     )
+    train.add_argument("--reference", type=Path, metavar="RUN_DIR",
+                       help="a finished target_only run on the same data: warn if it validates better")
 
     compare = commands.add_parser("compare", help="train several methods over seeds on one config and compare them")
     compare.add_argument("config", type=Path, help="run config YAML (see configs/)")
@@ -243,30 +245,37 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = load_config(ExperimentConfig, args.config, args.overrides)
     check_domains_present(config)  # fails on a missing domain before anything is written
     check_training_memory(config)  # and on a run that cannot fit in memory
+    reference = _reference_results(args.reference, config) if args.reference else None
     if resume_from is None:
         run_dir = create_run_dir(config.output_dir, f"{config.method}-{config.data.target}")
         write_yaml(run_dir / "config.yaml", config.model_dump(mode="json"))
     try:
-        outcome, plots, tensorboard = train_into(run_dir, config, resume_from)
+        outcome, plots, tensorboard = train_into(run_dir, config, resume_from, reference)
     except RunInterrupted as interrupted:
         _record_interruption(run_dir, config, interrupted.step, args)
         raise
     print(format_run_summary(outcome.results))
+    if outcome.results.get("reference", {}).get("warning"):
+        print(outcome.results["reference"]["warning"])
     print(f"plots: {', '.join(str(path) for path in plots)}")
     if tensorboard is not None:
         print(f"tensorboard: tensorboard --logdir {tensorboard.directory}")
     print(f"results: {run_dir / 'results.json'}")
 
 
-def train_into(run_dir: Path, config, resume_from: Path | None = None):
+def train_into(run_dir: Path, config, resume_from: Path | None = None, reference: dict | None = None):
     """Train ``config`` (in this process, or on Ray Train workers) into ``run_dir``: its log,
-    ``model.pt``, ``results.json`` and plots. Returns (outcome, plots, TensorBoard log or None)."""
+    ``model.pt``, ``results.json`` and plots. Returns (outcome, plots, TensorBoard log or None).
+
+    ``reference``: a target-only run's results on the same data; ``results.json`` then says
+    whether this run validated better (``reference.negative_transfer``)."""
     from metarec_dist.meta.saved_run import MODEL_FILE
     from metarec_dist.meta.trainer import Trainer
     from metarec_dist.meta.training_data import load_training_data
     from metarec_dist.report.plots import write_plots
     from metarec_dist.report.progress import ProgressPrinter
     from metarec_dist.report.run_directory import save_state, write_json
+    from metarec_dist.report.summary import negative_transfer_warning
     from metarec_dist.report.tensorboard import TensorBoardLog
 
     file_log = logging.FileHandler(run_dir / "train.log")
@@ -301,6 +310,10 @@ def train_into(run_dir: Path, config, resume_from: Path | None = None):
             finally:
                 printer.close()
         save_state(run_dir / MODEL_FILE, outcome.best_state)
+        if reference is not None:
+            warning = negative_transfer_warning(outcome.results, reference)
+            outcome.results["reference"] = {"run": reference["run"], "validation": reference["validation"],
+                                            "negative_transfer": warning is not None, "warning": warning}
         write_json(run_dir / "results.json", outcome.results)
         plots = write_plots(outcome.results, run_dir)
     finally:
@@ -309,6 +322,22 @@ def train_into(run_dir: Path, config, resume_from: Path | None = None):
         if tensorboard is not None:
             tensorboard.close()
     return outcome, plots, tensorboard
+
+
+def _reference_results(run_dir: Path, config) -> dict:
+    """The target-only run ``--reference`` names, checked to be on this run's data."""
+    from metarec_dist.report.summary import reference_problem
+
+    try:
+        reference = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--reference {run_dir}: no readable results.json ({error}); give a finished run") from None
+    planned = {"method": config.method, "target": config.data.target, "selection_metric": config.train.selection_metric,
+               "limited_target_fraction": config.data.limited_target_fraction}
+    problem = reference_problem(planned, reference)
+    if problem:
+        raise ConfigError(f"--reference {run_dir}: {problem}; give a target_only run on the same target and data")
+    return {**reference, "run": str(run_dir)}
 
 
 def comparison_runs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -335,7 +364,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from metarec_dist.meta.config import ExperimentConfig
     from metarec_dist.meta.memory_check import check_training_memory
     from metarec_dist.meta.training_data import check_domains_present
-    from metarec_dist.report.comparison import comparison_plot, summary_rows, table_rows
+    from metarec_dist.report.comparison import comparison_plot, negative_transfer_warnings, summary_rows, table_rows
     from metarec_dist.report.run_directory import create_run_dir, write_json, write_yaml
     from metarec_dist.report.tables import format_table
 
@@ -371,6 +400,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     plot = comparison_plot(rows, directory / "comparison.png")
     cells = table_rows(rows)
     print(format_table(cells, list(cells[0])))
+    for warning in negative_transfer_warnings(records):
+        print(warning)
     print("* best mean; every run selected its model on validation, the test split was read once per run")
     print(f"results: {directory / 'comparison.json'}\nplot: {plot}")
 

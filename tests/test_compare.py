@@ -41,3 +41,39 @@ def test_compare_refuses_a_bad_method_override_before_anything_is_written(synthe
     assert main(["compare", str(config), "--methods", "target_only", "--set", "train.steps=0"]) == 2
     assert "train.steps" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def results(method, valid, target="syn-target", fraction=0.5):
+    return {"method": method, "target": target, "limited_target_fraction": fraction, "selection_metric": "NDCG@10",
+            "validation": {"NDCG@10": valid}}
+
+
+def test_the_negative_transfer_warning_fires_only_when_target_only_validates_better():
+    from metarec_dist.report.comparison import negative_transfer_warnings
+    from metarec_dist.report.summary import negative_transfer_warning, reference_problem
+
+    warning = negative_transfer_warning(results("metarec", 0.09), results("target_only", 0.11))
+    assert warning.startswith("negative transfer") and "0.1100 against 0.0900" in warning
+    assert negative_transfer_warning(results("metarec", 0.12), results("target_only", 0.11)) is None
+    assert "target_only" in reference_problem(results("metarec", 0.1), results("joint", 0.1))
+    assert "limited_target_fraction" in reference_problem(results("metarec", 0.1), results("target_only", 0.1, fraction=1.0))
+    records = [{"label": label, "results": results(method, value)} for label, method, value in
+               [("target_only", "target_only", 0.11), ("target_only", "target_only", 0.13),
+                ("metarec", "metarec", 0.115), ("joint", "joint", 0.1), ("joint", "joint", 0.2)]]
+    [only] = negative_transfer_warnings(records)  # target-only's mean 0.12: above metarec, below joint's 0.15
+    assert "than metarec" in only and "0.1200 against 0.1150" in only
+
+
+def test_train_with_a_reference_records_whether_transfer_helped(synthetic_store, tmp_path, capsys):
+    config = write_config(tmp_path, synthetic_store)
+    assert main(["train", str(config), "--set", "method=target_only"]) == 0
+    [reference] = (tmp_path / "runs").iterdir()
+    assert main(["train", str(config), "--reference", str(reference)]) == 0
+    out = capsys.readouterr().out
+    [run] = [path for path in (tmp_path / "runs").iterdir() if path != reference]
+    ours = json.loads((run / "results.json").read_text())
+    theirs = json.loads((reference / "results.json").read_text())
+    worse = theirs["validation"]["NDCG@10"] > ours["validation"]["NDCG@10"]
+    assert ours["reference"]["negative_transfer"] == worse and ("negative transfer" in out) == worse
+    assert main(["train", str(config), "--reference", str(run)]) == 2  # a metarec run is no reference
+    assert "not target_only" in capsys.readouterr().err

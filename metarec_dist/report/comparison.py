@@ -55,3 +55,21 @@ def comparison_plot(rows: list[dict[str, Any]], path: Path, metrics: tuple[str, 
         axis.set_title(f"test {metric} (mean ± std over seeds)")
         axis.tick_params(axis="x", rotation=20)
     return save_figure(figure, path)
+
+
+def negative_transfer_warnings(records: list[dict[str, Any]]) -> list[str]:
+    """For each transfer row, a plain warning when target-only's mean validation metric is higher."""
+    validation = {}
+    for record in records:
+        results = record["results"]
+        metric = results["selection_metric"]
+        validation.setdefault((record["label"], results["method"], metric), []).append(results["validation"][metric])
+    references = [(metric, statistics.mean(values)) for (label, method, metric), values in validation.items()
+                  if label == "target_only"]
+    warnings = []
+    for (label, method, metric), values in validation.items():
+        for reference_metric, reference in references:
+            if method != "target_only" and metric == reference_metric and reference > statistics.mean(values):
+                warnings.append(f"negative transfer: target-only validates better than {label} (mean validation "
+                                f"{metric} {reference:.4f} against {statistics.mean(values):.4f})")
+    return warnings

@@ -31,3 +31,25 @@ def format_run_summary(results: dict[str, Any], top_sources: int = 8) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def negative_transfer_warning(results: dict[str, Any], reference: dict[str, Any]) -> str | None:
+    """A plain warning when a target-only ``reference`` run on the same data validated better than
+    the transfer run ``results`` (both ``results.json`` dicts; compared on the selection metric)."""
+    metric = results["selection_metric"]
+    mine, theirs = results["validation"][metric], reference["validation"].get(metric)
+    if results["method"] == "target_only" or theirs is None or theirs <= mine:
+        return None
+    return (f"negative transfer: target-only validates better on '{results['target']}' "
+            f"(validation {metric} {theirs:.4f} against {mine:.4f} for {results['method']}); "
+            "the sources cost the target accuracy in this setting")
+
+
+def reference_problem(results: dict[str, Any], reference: dict[str, Any]) -> str | None:
+    """Why ``reference`` cannot stand for target-only on the data ``results`` trained on (None: it can)."""
+    if reference.get("method") != "target_only":
+        return f"it is a {reference.get('method')} run, not target_only"
+    for key in ("target", "limited_target_fraction", "selection_metric"):
+        if reference.get(key) != results[key]:
+            return f"its {key} is {reference.get(key)!r}, this run's is {results[key]!r}"
+    return None
