@@ -223,7 +223,7 @@ class SequenceRecommender(nn.Module):
 
     def item_tables(self, domain: str, ids: torch.Tensor | None = None) -> ItemTables:
         """Items ``ids`` (sorted, unique, starting with padding 0; None: the whole catalog) adapted and
-        quantized. A training step passes the ids it reads, so its cost does not grow with the catalog."""
+        quantized. A training step passes the ids it reads: only those rows are read and quantized."""
         z = self.domains[module_key(domain)](ids)  # [R, D]
         if self.quantizer is None:
             return ItemTables(ids=ids, inputs=z, outputs=z, vq_loss=z.new_zeros(()))
