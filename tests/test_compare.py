@@ -56,7 +56,8 @@ def test_the_negative_transfer_warning_fires_only_when_target_only_validates_bet
     assert warning.startswith("negative transfer") and "0.1100 against 0.0900" in warning
     assert negative_transfer_warning(results("metarec", 0.12), results("target_only", 0.11)) is None
     assert "target_only" in reference_problem(results("metarec", 0.1), results("joint", 0.1))
-    assert "limited_target_fraction" in reference_problem(results("metarec", 0.1), results("target_only", 0.1, fraction=1.0))
+    other_fraction = results("target_only", 0.1, fraction=1.0)
+    assert "limited_target_fraction" in reference_problem(results("metarec", 0.1), other_fraction)
     records = [{"label": label, "results": results(method, value)} for label, method, value in
                [("target_only", "target_only", 0.11), ("target_only", "target_only", 0.13),
                 ("metarec", "metarec", 0.115), ("joint", "joint", 0.1), ("joint", "joint", 0.2)]]
