@@ -77,7 +77,8 @@ def _summed_rows(parameters: list[torch.Tensor], collective: Collective) -> list
     """Row-sparse gradients summed over workers: each worker's (row ids, rows) gathered in one round."""
     if not parameters:
         return []
-    mine = [None if p.grad is None else p.grad.coalesce() for p in parameters]
+    mine = [None if p.grad is None else (p.grad if p.grad.is_sparse else p.grad.to_sparse(1)).coalesce()
+            for p in parameters]
     if collective.world_size == 1:
         return mine
     shipped = [None if g is None else (g.indices(), g.values()) for g in mine]

@@ -44,7 +44,7 @@ def training_bytes(config: ExperimentConfig, catalogs: dict[str, int], loss: str
     total, largest_loss = 0, 0
     for domain, items in catalogs.items():
         full = items <= model.full_softmax_max_items if loss == "auto" else loss == "full"
-        row_sparse = not full if model.item_gradients == "auto" else model.item_gradients == "row_sparse"
+        row_sparse = model.item_gradients == "row_sparse" and not full
         share = 1.0 if domain == target else 1.0 / workers
         total += int(table_bytes(config, domain, items, row_sparse) * share)
         largest_loss = max(largest_loss, loss_bytes(config, items, full))

@@ -59,9 +59,10 @@ class ModelConfig(StrictModel):
         1024, ge=1, description="uniform negatives shared by a batch (sampled softmax); at least the catalog's "
         "size: every item, which is the full softmax"
     )
-    item_gradients: Literal["auto", "dense", "row_sparse"] = Field(
-        "auto", description="row_sparse: an item table's gradient holds only the rows a step read, and "
-        "only those rows are updated (lazy Adam); auto: row_sparse for the tables trained with the sampled softmax"
+    item_gradients: Literal["row_sparse", "dense"] = Field(
+        "row_sparse", description="row_sparse: a table trained with the sampled softmax gets the gradient of the "
+        "rows a step read only, and only those rows are updated (lazy Adam); the full softmax scores, so "
+        "updates, every row"
     )
     precision: Literal["fp32", "bf16"] = "fp32"
     vq: VQConfig = VQConfig()
@@ -251,9 +252,7 @@ class SequenceRecommender(nn.Module):
         return self.config.loss == "full"
 
     def _row_sparse(self, domain: str) -> bool:
-        if self.config.item_gradients == "auto":
-            return not self.uses_full_softmax(domain)
-        return self.config.item_gradients == "row_sparse"
+        return self.config.item_gradients == "row_sparse" and not self.uses_full_softmax(domain)
 
     def row_sparse_names(self) -> list[str]:
         """The item tables whose gradients are row-sparse (``item_gradients``)."""
