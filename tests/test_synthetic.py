@@ -114,8 +114,7 @@ def test_two_hundred_domains_generate_in_seconds(store):
     results = generate_store(config, store)
     elapsed = time.perf_counter() - started
     assert len(results) == len(store.names()) == 200
-    # Measured about 2.3 s on a 2-core machine (docs/BENCHMARKS.md); this bound only
-    # catches a loss of vectorisation, not noise.
+    # A loose bound: it catches a loss of vectorisation (a loop per user), not noise.
     assert elapsed < 30, f"200 domains took {elapsed:.1f} s"
 
 

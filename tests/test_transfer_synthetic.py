@@ -43,9 +43,8 @@ def test_metarec_with_its_codebook_beats_target_only_at_ten_percent(tmp_path):
     """configs/synthetic_transfer.yaml (fine normalized codebook, 300 warm-up steps) against SASRec on ids.
 
     Store: a 300-item target keeping 10% of its users, sources of 200-600
-    items. Measured with one thread (reproducible runs), seeds 0-2, test
-    NDCG@10: target-only 0.2089 / 0.2102 / 0.2035, MetaRec 0.2087 / 0.2261 /
-    0.2094, a mean gain of +0.0072 (docs/RESULTS.md).
+    items, one thread per run (reproducible runs), seeds 0-2; docs/RESULTS.md
+    ("Synthetic domains: a 300-item target") has the measured numbers.
     """
     store = DomainStore(tmp_path / "store")
     generate_store(SyntheticConfig(target_items=300, source_items=(200, 600), source_users=(2000, 3000)), store)
