@@ -395,8 +395,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
               f"{results['test']['HR@10']:.4f} (best step {results['best_step']}, {results['wall_seconds']:.0f} s)",
               file=sys.stderr)
         write_json(directory / "comparison.json", _comparison_json(args, records, summary_rows(records)))
-    rows = summary_rows(records)
-    write_json(directory / "comparison.json", _comparison_json(args, records, rows))
+    rows = summary_rows(records)  # comparison.json already holds them: it is written after every run
     plot = comparison_plot(rows, directory / "comparison.png")
     cells = table_rows(rows)
     print(format_table(cells, list(cells[0])))

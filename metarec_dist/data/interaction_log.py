@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from metarec_dist.data.domain import ImportOptions, ImportReport, build_domain
 from metarec_dist.data.store import DomainStore, check_domain_name
+from metarec_dist.data.synthetic import draw_from_cdf
 
 ITEM_ZIPF_OFFSET = 10.0
 USER_ACTIVITY_SIGMA = 1.0
@@ -39,10 +40,9 @@ def interaction_log(interactions: int, users: int, items: int, seed: int, zipf_e
 
 
 def _draw(weights: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``size`` indices drawn with probability proportional to ``weights`` (inverse CDF, any size)."""
+    """``size`` indices drawn with probability proportional to ``weights``."""
     cdf = np.cumsum(weights, dtype=np.float64)
-    cdf /= cdf[-1]
-    return np.minimum(np.searchsorted(cdf, rng.random(size), side="right"), len(weights) - 1)
+    return draw_from_cdf(cdf / cdf[-1], rng.random(size))
 
 
 def generate_interaction_domain(

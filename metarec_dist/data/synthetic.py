@@ -156,7 +156,7 @@ def generate_domain(spec: DomainSpec, config: SyntheticConfig, world: np.ndarray
     )
     steps = int(lengths.max())
     if transitions is None:
-        items = _draw(np.cumsum(popularity) / popularity.sum(), rng.random((num_users, steps)))
+        items = draw_from_cdf(np.cumsum(popularity) / popularity.sum(), rng.random((num_users, steps)))
     else:
         items = _walk(transitions, item_concept, popularity, num_users, steps, rng)
 
@@ -171,7 +171,7 @@ def generate_domain(spec: DomainSpec, config: SyntheticConfig, world: np.ndarray
     return GeneratedDomain(spec, events, item_concept, transitions)
 
 
-def _draw(cdf: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+def draw_from_cdf(cdf: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """Inverse-CDF sampling, clipped against rounding in the last cdf entry."""
     return np.minimum(np.searchsorted(cdf, uniforms, side="right"), len(cdf) - 1)
 

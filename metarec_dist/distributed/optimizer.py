@@ -64,7 +64,7 @@ def summed_gradients(parameters: list[torch.Tensor], collective: Collective) -> 
     sources, say): Adam then skips the parameter, as it does in one process.
     """
     sparse = [i for i, p in enumerate(parameters) if getattr(p, "row_sparse", False)]
-    dense = [i for i in range(len(parameters)) if i not in set(sparse)]
+    dense = [i for i, p in enumerate(parameters) if not getattr(p, "row_sparse", False)]
     summed: list[torch.Tensor | None] = [None] * len(parameters)
     for i, gradient in zip(dense, _summed_dense([parameters[i] for i in dense], collective)):
         summed[i] = gradient

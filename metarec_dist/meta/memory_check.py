@@ -14,6 +14,7 @@ from __future__ import annotations
 from metarec_dist.data.store import DomainStore
 from metarec_dist.errors import ConfigError
 from metarec_dist.meta.config import ExperimentConfig
+from metarec_dist.model.recommender import has_row_sparse_table, uses_full_softmax
 from metarec_dist.retrieval.memory import HEADROOM, available_bytes, index_bytes
 
 FLOAT = 4
@@ -37,16 +38,14 @@ def table_bytes(config: ExperimentConfig, domain: str, num_items: int, row_spars
 
 def training_bytes(config: ExperimentConfig, catalogs: dict[str, int], loss: str | None = None) -> int:
     """Estimated peak memory of one process (``loss`` overrides ``model.loss``)."""
-    model = config.effective_model
-    loss = loss or model.loss
+    model = config.effective_model if loss is None else config.effective_model.model_copy(update={"loss": loss})
     workers = config.runner.workers
     target = config.data.target
     total, largest_loss = 0, 0
     for domain, items in catalogs.items():
-        full = items <= model.full_softmax_max_items if loss == "auto" else loss == "full"
-        row_sparse = model.item_gradients == "row_sparse" and not full
+        full = uses_full_softmax(model, items)
         share = 1.0 if domain == target else 1.0 / workers
-        total += int(table_bytes(config, domain, items, row_sparse) * share)
+        total += int(table_bytes(config, domain, items, has_row_sparse_table(model, items)) * share)
         largest_loss = max(largest_loss, loss_bytes(config, items, full))
     evaluation = catalogs[target] * model.width * FLOAT + index_bytes(
         config.eval.retrieval.index, catalogs[target], model.width)

@@ -69,6 +69,18 @@ class ModelConfig(StrictModel):
     encoder: EncoderConfig = EncoderConfig()
 
 
+def uses_full_softmax(config: ModelConfig, num_items: int) -> bool:
+    """Whether a domain of ``num_items`` trains with the full softmax (``loss``, ``full_softmax_max_items``)."""
+    if config.loss == "auto":
+        return num_items <= config.full_softmax_max_items
+    return config.loss == "full"
+
+
+def has_row_sparse_table(config: ModelConfig, num_items: int) -> bool:
+    """Whether such a domain's item table gets row-sparse gradients (the sampled softmax reads few rows)."""
+    return config.item_gradients == "row_sparse" and not uses_full_softmax(config, num_items)
+
+
 def module_key(domain: str) -> str:
     """ModuleDict keys may not contain '.', domain names may."""
     return domain.replace(".", "-")
@@ -246,13 +258,10 @@ class SequenceRecommender(nn.Module):
         items.event_share.copy_(share / share.sum().clamp_min(1))
 
     def uses_full_softmax(self, domain: str) -> bool:
-        num_items = self.domains[module_key(domain)].num_items
-        if self.config.loss == "auto":
-            return num_items <= self.config.full_softmax_max_items
-        return self.config.loss == "full"
+        return uses_full_softmax(self.config, self.domains[module_key(domain)].num_items)
 
     def _row_sparse(self, domain: str) -> bool:
-        return self.config.item_gradients == "row_sparse" and not self.uses_full_softmax(domain)
+        return has_row_sparse_table(self.config, self.domains[module_key(domain)].num_items)
 
     def row_sparse_names(self) -> list[str]:
         """The item tables whose gradients are row-sparse (``item_gradients``)."""
