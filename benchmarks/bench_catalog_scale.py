@@ -8,13 +8,15 @@ Settings, each in a fresh process (its peak resident memory is the process's):
 - ``target_only``: one SASRec-style step on the target (batch 128 x 50, width 64);
 - ``metarec``: one meta-step (2 tasks, 1 inner step, a 16 x 256 product
   codebook) with two sources of ``min(items, --source-items)`` items;
-- each again with ``model.loss=full`` and ``model.item_gradients=dense`` (how
-  every step ran before the sampled softmax and row-sparse tables), up to
+- in three model settings: ``as configured`` (``model.loss: auto``: the full
+  softmax up to ``model.full_softmax_max_items`` items, the sampled one above,
+  row-sparse tables with it); ``sampled`` (``model.loss=sampled`` at every
+  size: whether a step's cost depends on the catalog); ``full, dense`` (the full
+  softmax and dense table gradients, how every step ran before), up to
   ``--dense-max-items`` (beyond it the logits do not fit in memory).
-The code decides the loss itself (``model.loss: auto``): the full softmax up
-to ``model.full_softmax_max_items`` items, the sampled one above. A process
-warms up, then times ``--steps`` steps one by one; the table shows the median
-step and the step time relative to the same setting at the smallest catalog.
+A process warms up, then times ``--steps`` steps one by one; the table shows
+the median step and the step time relative to the same setting at the
+smallest catalog.
 
     python benchmarks/bench_catalog_scale.py --items 10000 100000 1000000 10000000
 """
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,13 +35,14 @@ import torch
 
 from metarec_dist.data.interaction_log import generate_interaction_domain
 from metarec_dist.data.store import DomainStore
-from metarec_dist.machine import machine_description
+from metarec_dist.machine import machine_description, peak_resident_mb
 from metarec_dist.report.run_directory import write_json
 from metarec_dist.report.tables import format_table
 
 MODEL = {"width": 64, "item_width": 64, "vq": {"num_codebooks": 16, "codewords": 256, "normalize": True},
          "encoder": {"layers": 2, "heads": 2, "max_length": 50, "dropout": 0.3}}
-DENSE = {"loss": "full", "item_gradients": "dense"}
+SETTINGS = {"as configured": {}, "sampled": {"loss": "sampled"},
+            "full, dense": {"loss": "full", "item_gradients": "dense"}}
 
 
 def domain_name(items: int, role: str = "target") -> str:
@@ -56,7 +58,7 @@ def ensure_domain(store: DomainStore, items: int, role: str = "target") -> None:
         print(f"generated {name} in {time.perf_counter() - started:.1f} s", flush=True)
 
 
-def measure(store: Path, method: str, items: int, source_items: int, dense: bool, steps: int) -> dict:
+def measure(store: Path, method: str, items: int, source_items: int, setting: str, steps: int) -> dict:
     """In this process: build the trainer, warm up, time ``steps`` main steps one by one."""
     from metarec_dist.meta.config import ExperimentConfig
     from metarec_dist.meta.trainer import Trainer
@@ -66,7 +68,7 @@ def measure(store: Path, method: str, items: int, source_items: int, dense: bool
     config = ExperimentConfig.model_validate({
         "method": method,
         "data": {"store": str(store), "target": domain_name(items), "sources": sources},
-        "model": {**MODEL, **(DENSE if dense else {})},
+        "model": {**MODEL, **SETTINGS[setting]},
         "meta": {"tasks_per_step": 2, "inner_steps": 1, "inner_lr": 0.1},
         "train": {"batch_size": 128, "steps": steps, "threads": torch.get_num_threads()},
     })
@@ -80,7 +82,7 @@ def measure(store: Path, method: str, items: int, source_items: int, dense: bool
         step(index)
         times.append(time.perf_counter() - started)
     return {"step_ms": 1000 * statistics.median(times), "step_ms_all": [1000 * t for t in times],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_resident_mb(),
             "full_softmax": trainer.model.uses_full_softmax(domain_name(items))}
 
 
@@ -93,12 +95,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--store", type=Path, default=Path("bench-runs/catalog-scale-store"))
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/catalog_scale.json"))
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)  # internal: method items source_items dense
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)  # internal: method items source_items setting
     args = parser.parse_args()
 
     if args.child:
-        method, items, source_items, dense = args.child
-        print(json.dumps(measure(args.store, method, int(items), int(source_items), dense == "1", args.steps)))
+        method, items, source_items, setting = args.child
+        print(json.dumps(measure(args.store, method, int(items), int(source_items), setting, args.steps)))
         return
 
     machine = machine_description(torch=torch.__version__, threads=str(torch.get_num_threads()))
@@ -113,18 +116,18 @@ def main() -> None:
 
     rows = []
     for method in args.methods:
-        for dense in (False, True):
+        for setting in args.settings:
             for items in args.items:
-                if dense and items > args.dense_max_items:
+                if setting == "full, dense" and items > args.dense_max_items:
                     continue
                 source_items = min(items, args.source_items)
                 command = [sys.executable, __file__, "--store", str(args.store), "--steps", str(args.steps),
-                           "--child", method, str(items), str(source_items), "1" if dense else "0"]
+                           "--child", method, str(items), str(source_items), setting]
                 result = subprocess.run(command, capture_output=True, text=True)
                 if result.returncode != 0:
                     raise SystemExit(f"{method} at {items:,} items failed:\n{result.stderr[-3000:]}")
                 measured = json.loads(result.stdout.strip().splitlines()[-1])
-                row = {"method": method, "setting": "full softmax, dense tables" if dense else "as configured",
+                row = {"method": method, "setting": setting,
                        "items": items, "source_items": source_items if method == "metarec" else 0, **measured}
                 rows.append(row)
                 print(f"{method} {row['setting']} {items:,} items: {measured['step_ms']:.1f} ms, "

@@ -17,6 +17,23 @@ def _first_line_value(path: str, prefix: str) -> str | None:
     return None
 
 
+def peak_resident_mb() -> float:
+    """This process's peak resident memory in MB since it started (or last exec'd).
+
+    Linux's ``VmHWM``: ``getrusage``'s ``ru_maxrss`` also counts the memory of the
+    process that forked this one before it exec'd, so a small child of a large parent
+    would report the parent's peak. Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    high_water = _first_line_value("/proc/self/status", "VmHWM")
+    if high_water is not None:
+        return int(high_water.split()[0]) / 1024  # "123456 kB"
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def cpu_bf16_support() -> str:
     """``amx``, ``avx512_bf16`` or ``emulated``: whether this CPU multiplies bf16 matrices in hardware
     (Linux CPU flags). Where it is emulated, bf16 is many times slower than fp32."""

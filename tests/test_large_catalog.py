@@ -13,9 +13,10 @@ ITEMS = 1_000_000
 PEAK_RSS_LIMIT_MB = 3_500  # issue target: 4 GB per worker at 1M items
 
 TRAIN_A_MILLION_ITEM_DOMAIN = textwrap.dedent(f"""
-    import json, resource, time
+    import json, time
     import numpy as np
     from metarec_dist.data.sequences import SequenceView
+    from metarec_dist.machine import peak_resident_mb
     from metarec_dist.data.splits import leave_one_out, limit_target
     from metarec_dist.meta.config import ExperimentConfig
     from metarec_dist.meta.trainer import Trainer
@@ -34,7 +35,7 @@ TRAIN_A_MILLION_ITEM_DOMAIN = textwrap.dedent(f"""
     started = time.perf_counter()
     outcome = trainer.run()
     print(json.dumps({{
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_resident_mb(),
         "seconds": time.perf_counter() - started,
         "full_softmax": trainer.model.uses_full_softmax("big"),
         "row_sparse": trainer.model.row_sparse_names(),

@@ -27,7 +27,6 @@ its decision is broadcast so all workers leave the loop together.
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ from tqdm import tqdm
 
 from metarec_dist.errors import ConfigError
 from metarec_dist.eval.metrics import metrics_from_ranks
+from metarec_dist.machine import peak_resident_mb
 from metarec_dist.meta.codebook_upkeep import codebook_health, reinit_dead_codes_everywhere
 from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.evaluation import rank_users
@@ -315,7 +315,7 @@ class Trainer:
             "rank": self.collective.rank,
             "sources": len(self.data.sources),
             "parameters": counts,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+            "peak_rss_mb": peak_resident_mb(),
             "main_step_ms": self.step_time.per_step_ms(),
         }
 
