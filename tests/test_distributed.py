@@ -12,7 +12,7 @@ from conftest import assert_tensorboard_matches_results, random_batch, write_con
 
 from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.row_sparse_adam import RowSparseAdam
-from metarec_dist.meta.step import MetaConfig, TaskBatch, meta_step
+from metarec_dist.meta.step import WHOLE_TARGET_TABLE, MetaConfig, TaskBatch, meta_step
 from metarec_dist.model.encoder import EncoderConfig
 from metarec_dist.model.recommender import ModelConfig, SequenceRecommender
 
@@ -42,15 +42,22 @@ def ray_cluster():
     ray.shutdown()
 
 
-def tiny_model(catalogs, row_sparse=False):
-    """``row_sparse``: the sampled softmax with every item as a candidate (deterministic), so the item
-    tables' gradients are row-sparse and travel between workers as (row ids, rows)."""
+# How item tables train: "dense" (the full softmax); "row_sparse" (the sampled softmax with every
+# item as a candidate, deterministic: gradients travel between workers as (row ids, rows));
+# "split" (also the target's table split by rows over the workers; its 40 items are more than
+# the 15 negatives, which the tasks fix, so a step reads some rows only).
+SAMPLED = {"dense": {}, "row_sparse": {"loss": "sampled", "sampled_negatives": 100},
+           "split": {"loss": "sampled", "sampled_negatives": 15}}
+TARGET_ITEMS = {"dense": 12, "row_sparse": 12, "split": 40}
+QUERY_NEGATIVES = {"dense": None, "row_sparse": torch.arange(1, 13), "split": torch.tensor([3, 17, 29, 38, 39])}
+
+
+def tiny_model(catalogs, tables="dense"):
     torch.manual_seed(0)
     config = ModelConfig(
         width=8, item_width=6, item_widths={"b": 5},
         encoder=EncoderConfig(layers=1, heads=2, max_length=5, dropout=0.0),
-        vq={"num_codebooks": 2, "codewords": 6},
-        **({"loss": "sampled", "sampled_negatives": 100} if row_sparse else {}),
+        vq={"num_codebooks": 2, "codewords": 6}, **SAMPLED[tables],
     )
     return SequenceRecommender(config, catalogs)
 
@@ -59,9 +66,10 @@ def fixed_batch(num_items, seed):
     return random_batch(num_items, seed, rows=4, leading_padding=3)
 
 
-def task(source):
+def task(source, tables="dense"):
     index = SOURCES.index(source)
-    return TaskBatch(source, support=fixed_batch(CATALOGS[source], 10 + index), query=fixed_batch(12, 20 + index))
+    return TaskBatch(source, support=fixed_batch(CATALOGS[source], 10 + index), query=fixed_batch(12, 20 + index),
+                     query_negatives=QUERY_NEGATIVES[tables])
 
 
 def run_config(zero_stage, **runner):
@@ -69,18 +77,32 @@ def run_config(zero_stage, **runner):
                      runner={"zero_stage": zero_stage, **runner})
 
 
-def worker_with_own_sources(row_sparse=False):
+def worker_with_own_sources(tables="dense"):
     """In a Ray Train worker: its collective, its own sources and a model holding only those."""
     from metarec_dist.distributed.collective import TorchCollective
 
     collective = TorchCollective()
     own = [s for s in SOURCES if OWNER[s] == collective.rank]
-    return collective, own, tiny_model({"t": CATALOGS["t"], **{s: CATALOGS[s] for s in own}}, row_sparse)
+    return collective, own, tiny_model({"t": TARGET_ITEMS[tables], **{s: CATALOGS[s] for s in own}}, tables)
 
 
 def run_meta_steps(model, tasks, collective, optimizer, meta, steps=3):
-    logs = [meta_step(model, optimizer, "t", tasks, meta, collective=collective) for _ in range(steps)]
-    return logs, {name: p.detach().clone() for name, p in model.named_parameters()}
+    """``steps`` meta-steps, each loading the target's rows its queries read first (as the trainer does)."""
+    target_rows = getattr(optimizer, "target_rows", WHOLE_TARGET_TABLE)
+    logs = []
+    for _ in range(steps):
+        reads = [model.rows_read("t", torch.as_tensor(t.query.inputs), torch.as_tensor(t.query.targets),
+                                 t.query_negatives) for t in tasks]
+        if all(rows is not None for rows in reads):
+            target_rows.load(torch.unique(torch.cat(reads)))
+        logs.append(meta_step(model, optimizer, "t", tasks, meta, collective=collective))
+    return logs
+
+
+def parameters_of(model, optimizer):
+    """Every parameter's value (a table split over workers assembled: a collective)."""
+    with getattr(optimizer, "target_rows", WHOLE_TARGET_TABLE).whole():
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 @contextlib.contextmanager
@@ -105,16 +127,20 @@ def meta_step_worker(loop_config):
     """A Ray Train worker: its own sources only, the torch.distributed collective, the worker optimizer."""
     from metarec_dist.distributed.optimizer import WorkerOptimizer
 
-    collective, own, model = worker_with_own_sources(loop_config["row_sparse"])
-    optimizer = WorkerOptimizer(model, [], run_config(loop_config["zero_stage"]), "t", collective)
+    tables = loop_config["tables"]
+    collective, own, model = worker_with_own_sources(tables)
+    split = {"shard_target_rows_from": 1 if tables == "split" else None}
+    optimizer = WorkerOptimizer(model, [], run_config(loop_config["zero_stage"], **split), "t", collective)
     meta = META.model_copy(update={"center": loop_config["center"]})
     with counted_all_reduces() as all_reduces:
-        logs, parameters = run_meta_steps(model, [task(s) for s in own], collective, optimizer, meta)
+        logs = run_meta_steps(model, [task(s, tables) for s in own], collective, optimizer, meta)
+    parameters = parameters_of(model, optimizer)
     torch.save(
         {
             "parameters": parameters,
             "weights": [dict(zip(log.sources, log.weights)) for log in logs],
             "codebook_state": optimizer.optimizer_state_numel()["codebook"],
+            "target_table_block": optimizer.optimizer_state_numel()["target_table_block"],
             "deepspeed": optimizer.engine is not None,
             "all_reduces_per_step": len(all_reduces) / len(logs),
         },
@@ -127,10 +153,11 @@ def _without_key_part(qkv_bias: torch.Tensor) -> torch.Tensor:
     return torch.cat([query, value])
 
 
-@pytest.mark.parametrize(("zero_stage", "center", "row_sparse"),
-                         [(None, False, False), (0, False, False), (2, True, False), (0, False, True)])
+@pytest.mark.parametrize(("zero_stage", "center", "tables"),
+                         [(None, False, "dense"), (0, False, "dense"), (2, True, "dense"), (0, False, "row_sparse"),
+                          (0, False, "split")])
 def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tmp_path, zero_stage, center,
-                                                                 row_sparse):
+                                                                 tables):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -138,17 +165,18 @@ def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tm
     from metarec_dist.meta.step import LOCAL
 
     order = [s for rank in (0, 1) for s in SOURCES if OWNER[s] == rank]
-    model = tiny_model(CATALOGS, row_sparse)
-    assert bool(model.row_sparse_names()) == row_sparse
+    model = tiny_model({**CATALOGS, "t": TARGET_ITEMS[tables]}, tables)
+    assert bool(model.row_sparse_names()) == (tables != "dense")
     optimizer = RowSparseAdam(model.parameters(), lr=LEARNING_RATE)
     meta = META.model_copy(update={"center": center})  # centering: adaptations summed over workers
-    logs, expected = run_meta_steps(model, [task(s) for s in order], LOCAL, optimizer, meta)
+    logs = run_meta_steps(model, [task(s, tables) for s in order], LOCAL, optimizer, meta)
+    expected = parameters_of(model, optimizer)
     expected_weights = [dict(zip(log.sources, log.weights)) for log in logs]
 
     TorchTrainer(
         meta_step_worker,
         train_loop_config={"out": str(tmp_path), "zero_stage": zero_stage, "center": center,
-                           "row_sparse": row_sparse},
+                           "tables": tables},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
         torch_config=TorchConfig(backend="gloo", timeout_s=120),
         run_config=RunConfig(storage_path=str(tmp_path / "ray")),
@@ -172,6 +200,8 @@ def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tm
         held = {name.split(".")[1] for name in got["parameters"] if name.startswith("domains.")}
         assert held == {"t", *own}
         assert got["codebook_state"] == 2 * 6 * 4  # Adam's two moments of 1 codebook x 6 codewords x width 4
+        # Split: the target's 41 rows (padding included) in blocks of 20 and 21, each with its two moments.
+        assert got["target_table_block"] == (3 * 6 * (20 if rank == 0 else 21) if tables == "split" else 0)
         assert got["deepspeed"] == (zero_stage is not None)
         if zero_stage in (None, 0):
             # The summed gradients and the codebook's owners, nothing more: a stage-0 engine applies
@@ -222,9 +252,13 @@ def test_deepspeed_collectives_time_out_after_the_runs_collective_timeout(ray_cl
     assert 9 < result["seconds"] < 25, result
 
 
-def test_train_command_runs_on_two_workers_and_writes_results(ray_cluster, synthetic_store, tmp_path, capsys):
+@pytest.mark.parametrize("target_table", ["whole", "split"])
+def test_train_command_runs_on_two_workers_and_writes_results(ray_cluster, synthetic_store, tmp_path, capsys,
+                                                              target_table):
     from metarec_dist.cli import main
-    config = write_config(tmp_path, synthetic_store, runner={"workers": 2}, **{"train.tensorboard": True})
+    split = {"model.loss": "sampled", "model.sampled_negatives": 50} if target_table == "split" else {}
+    config = write_config(tmp_path, synthetic_store, **{"train.tensorboard": True}, **split,
+                          runner={"workers": 2, "shard_target_rows_from": 1 if split else None})
     assert main(["train", str(config)]) == 0
     results_path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results: ")
     results = json.loads(open(results_path).read())
@@ -242,6 +276,10 @@ def test_train_command_runs_on_two_workers_and_writes_results(ray_cluster, synth
     assert per_worker[0]["parameters"]["shared"] == per_worker[1]["parameters"]["shared"]
     total_sources = sum(w["parameters"]["sources"] for w in per_worker)
     assert all(0 < w["parameters"]["sources"] < total_sources for w in per_worker)
+    # Split: each worker owns one block of the target's rows, the blocks the whole table.
+    rows = synthetic_store.open("syn-target").num_items + 1
+    blocks = [w["target_table_block"] for w in per_worker]
+    assert blocks == ([[0, rows // 2], [rows // 2, rows]] if split else [None, None])
     # Where each worker's meta-step time went: parts of the whole, the DeepSpeed engine timed.
     for times in (w["main_step_ms"] for w in per_worker):
         assert 0 < times["in_collectives"] < times["total"] and 0 < times["in_encoder_engine"] < times["total"]
@@ -367,14 +405,23 @@ def test_a_stalled_collective_is_reported_before_a_worker_ray_lost():
 def test_a_stopped_run_resumes_on_another_number_of_workers(ray_cluster, synthetic_store, tmp_path, capsys):
     from metarec_dist.cli import main
 
-    config = write_config(tmp_path, synthetic_store, train=LONG_RUN,
-                          runner={"workers": 2, "checkpoint_every": 30, "max_failures": 0, "zero_stage": 2})
+    # The target's table split by rows over the two workers; whole in the one that resumes.
+    config = write_config(tmp_path, synthetic_store, train=LONG_RUN, **{"model.loss": "sampled",
+                                                                        "model.sampled_negatives": 50},
+                          runner={"workers": 2, "checkpoint_every": 30, "max_failures": 0, "zero_stage": 2,
+                                  "shard_target_rows_from": 1})
     watcher, killed = kill_one_worker_after_a_checkpoint(tmp_path / "runs")
     assert main(["train", str(config)]) == 2  # no retries allowed: the run stops
     watcher.join(timeout=1)
     assert killed
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert not (run_dir / "results.json").exists()
+    checkpoint = sorted(run_dir.rglob("shared.pt"))[-1]
+    table = "domains.syn-target.embedding.weight"
+    saved = torch.load(checkpoint, weights_only=True)
+    moments = torch.load(checkpoint.parent / "shared_optimizer.pt", weights_only=True)
+    rows = synthetic_store.open("syn-target").num_items + 1
+    assert saved[table].shape == moments[f"{table}/exp_avg"].shape == (rows, 8)  # whole, from both blocks
     capsys.readouterr()
 
     assert main(["train", "--resume", str(run_dir), "--set", "runner.workers=1"]) == 0

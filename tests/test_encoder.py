@@ -226,7 +226,7 @@ def test_the_logq_correction_lowers_the_logits_of_items_the_batch_proposes_often
     counts[5] = 100.0  # item 5: most of the domain's events
     recommender.set_item_frequencies("t", counts)
     wanted = torch.tensor([5, 5, 7, 9])
-    candidates, log_q = recommender._candidates("t", wanted)
+    candidates, log_q = recommender._candidates("t", wanted, recommender.draw_negatives("t"))
     assert set(wanted.tolist()) <= set(candidates.tolist()) and torch.equal(candidates, candidates.unique())
     q = dict(zip(candidates.tolist(), log_q.exp().tolist()))
     assert q[5] > q[7] and q[7] == pytest.approx(q[9]) and all(0 < v <= 1 for v in q.values())

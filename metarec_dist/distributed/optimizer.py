@@ -21,7 +21,10 @@ update, a sum over all tasks of all workers, applied by four owners:
   codewords x code width) next to the item tables, and keeping it makes
   quantization local: no collective ever runs inside ``forward``.
 - **the target's parameters and learned inner rates**: every worker needs
-  them; they are all-reduced and stepped identically everywhere.
+  them; they are all-reduced and stepped identically everywhere, except a
+  large target item table (``runner.shard_target_rows_from``), which is split
+  by rows over the workers (``row_shards.ShardedItemTable``: each updates its
+  own block; a step gathers the rows it reads first).
 - **a source's own parameters**: only on the worker that owns the source,
   updated from that worker's gradient alone.
 
@@ -47,11 +50,12 @@ import torch
 
 from metarec_dist.distributed.deepspeed_ops import load_deepspeed_ops
 from metarec_dist.distributed.deepspeed_private import give_deepspeed_a_world_group, link_zero_optimizer_state
+from metarec_dist.distributed.row_shards import ShardedItemTable
 from metarec_dist.errors import ConfigError
 from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.row_sparse_adam import RowSparseAdam
-from metarec_dist.meta.step import Collective
-from metarec_dist.model.recommender import SequenceRecommender
+from metarec_dist.meta.step import WHOLE_TARGET_TABLE, Collective, TargetRows
+from metarec_dist.model.recommender import SequenceRecommender, module_key
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,13 @@ def _summed_dense(parameters: list[torch.Tensor], collective: Collective) -> lis
     return [g if has else None for g, has in zip(gradients, present)]
 
 
+def _split_by_rows(model: SequenceRecommender, target: str, config: ExperimentConfig, world_size: int) -> bool:
+    """Whether the target's item table is split by rows over the workers (``runner.shard_target_rows_from``)."""
+    threshold = config.runner.shard_target_rows_from
+    items = model.domains[module_key(target)]
+    return world_size > 1 and threshold is not None and items.num_items >= threshold and items.row_sparse
+
+
 def codebook_owner(codebook: int, world_size: int) -> int:
     """Codebook m lives on worker m mod N (round-robin: every worker owns about M/N of them)."""
     return codebook % world_size
@@ -132,7 +143,13 @@ class WorkerOptimizer:
         named = model.parameter_index()
         encoder_names = [n for n in named if n.startswith("encoder.")]
         target_names = model.local_names(target)
-        target_parameters = [named[n] for n in target_names]
+        self.target_rows: TargetRows = WHOLE_TARGET_TABLE
+        table = f"domains.{module_key(target)}.embedding.weight"
+        if _split_by_rows(model, target, config, collective.world_size):
+            self.target_rows = ShardedItemTable(model.domains[module_key(target)], table, collective,
+                                                train.learning_rate, train.weight_decay)
+        target_parameters = [named[n] for n in target_names
+                             if not (n == table and isinstance(self.target_rows, ShardedItemTable))]
         self.replicated = target_parameters + list(inner_lrs)
         replicated_groups: list[dict[str, Any]] = [{"params": target_parameters}]
         if inner_lrs:
@@ -194,6 +211,8 @@ class WorkerOptimizer:
             p.grad = g
         if self.engine is not None:
             self._step_encoder()
+        if isinstance(self.target_rows, ShardedItemTable):
+            self.target_rows.step()
 
     # --- the owners -------------------------------------------------------------------
 
@@ -251,6 +270,8 @@ class WorkerOptimizer:
         if self.engine is not None and self._engine_torch_adam() is None:
             shared.update(self._zero_entries(names))
         shared.update(self._codebook_entries())
+        if isinstance(self.target_rows, ShardedItemTable):
+            shared.update(self.target_rows.moments())
         own = _adam_entries(self.local_adam, names)
         return shared, own
 
@@ -274,6 +295,8 @@ class WorkerOptimizer:
             }
         if self.engine is not None and self._engine_torch_adam() is None:
             self._load_zero(state)
+        if isinstance(self.target_rows, ShardedItemTable):
+            self.target_rows.load_moments(state)
 
     def _names(self) -> dict[int, str]:
         """id(parameter) -> the name it is checkpointed under."""
@@ -363,6 +386,7 @@ class WorkerOptimizer:
             "codebook": count(self.codebook_adam),
             "sources": count(self.local_adam),
             "replicated": count(self.replicated_adam) + count(self.encoder_adam),
+            "target_table_block": self.target_rows.numel() if isinstance(self.target_rows, ShardedItemTable) else 0,
         }
 
 

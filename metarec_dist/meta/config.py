@@ -60,6 +60,11 @@ class RunnerConfig(StrictModel):
     )
     checkpoint_every: int = Field(50, ge=0, description="checkpoint every this many meta-steps (0: never)")
     max_failures: int = Field(2, ge=0, description="worker failures to recover from, each from the last checkpoint")
+    shard_target_rows_from: int | None = Field(
+        1_000_000, ge=1, description="split the target's item table by rows over the workers (each holds "
+        "its block and its optimizer state; a step gathers the rows it reads) when it has at least this many "
+        "items and trains row-sparse (model.item_gradients); null: a replica in every worker"
+    )
     zero_stage: Literal[0, 1, 2] | None = Field(
         0, description="DeepSpeed ZeRO stage of the shared encoder's engine (None: plain replicated Adam); 0 "
         "sums the encoder's gradients in the step's one all-reduce, 1-2 partition its optimizer state at the "

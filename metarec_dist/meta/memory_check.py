@@ -1,12 +1,15 @@
 """Will a run fit in memory? An estimate from the domains' sizes, checked before anything is written.
 
-Per process, the estimate adds: every item table this process holds with its
-Adam moments (a dense gradient too, where the table's gradients are not
-row-sparse); the largest loss of one batch (the full softmax's logits are
-positions x items, with their softmax and gradient); and the target's
-evaluation (its item vectors and the searcher's copy). A distributed run's
-sources are divided over its workers, all on this machine unless the run joins
-a cluster (``runner.address``), where it is not checked.
+The estimate covers every process of the run on this machine (a distributed
+run's workers all run here unless it joins a cluster, ``runner.address``,
+where it is not checked). Each worker holds: the target's item table with its
+Adam moments (a dense gradient too where the table's gradients are not
+row-sparse), or its block of it where the table is split by rows
+(``runner.shard_target_rows_from``: then the whole table only while
+validating), and the best state's copy; the largest loss of one batch (the
+full softmax's logits are positions x items, with their softmax and gradient);
+and the target's evaluation (its item vectors and the searcher's copy). The
+sources' tables are divided over the workers.
 """
 
 from __future__ import annotations
@@ -30,26 +33,35 @@ def loss_bytes(config: ExperimentConfig, num_items: int, full_softmax: bool) -> 
 
 def table_bytes(config: ExperimentConfig, domain: str, num_items: int, row_sparse: bool) -> int:
     """A domain's item table with its two Adam moments (and its dense gradient unless row-sparse)."""
+    copies = 3 if row_sparse else 4
+    return _values_bytes(config, domain, num_items) * copies
+
+
+def _values_bytes(config: ExperimentConfig, domain: str, num_items: int) -> int:
     model = config.effective_model
     width = model.item_widths.get(domain, model.item_width) if model.use_vq else model.width
-    copies = 3 if row_sparse else 4
-    return (num_items + 1) * width * FLOAT * copies
+    return (num_items + 1) * width * FLOAT
 
 
 def training_bytes(config: ExperimentConfig, catalogs: dict[str, int], loss: str | None = None) -> int:
-    """Estimated peak memory of one process (``loss`` overrides ``model.loss``)."""
+    """Estimated peak memory of the run's processes on this machine (``loss`` overrides ``model.loss``)."""
     model = config.effective_model if loss is None else config.effective_model.model_copy(update={"loss": loss})
-    workers = config.runner.workers
-    target = config.data.target
-    total, largest_loss = 0, 0
-    for domain, items in catalogs.items():
-        full = uses_full_softmax(model, items)
-        share = 1.0 if domain == target else 1.0 / workers
-        total += int(table_bytes(config, domain, items, has_row_sparse_table(model, items)) * share)
-        largest_loss = max(largest_loss, loss_bytes(config, items, full))
-    evaluation = catalogs[target] * model.width * FLOAT + index_bytes(
-        config.eval.retrieval.index, catalogs[target], model.width)
-    return total + largest_loss + evaluation
+    workers, target = config.runner.workers, config.data.target
+    target_items = catalogs[target]
+    row_sparse = has_row_sparse_table(model, target_items)
+    threshold = config.runner.shard_target_rows_from
+    values = _values_bytes(config, target, target_items)
+    if workers > 1 and row_sparse and threshold is not None and target_items >= threshold:
+        target_table = table_bytes(config, target, target_items, row_sparse) // workers + values  # + whole
+    else:
+        target_table = table_bytes(config, target, target_items, row_sparse)
+    largest_loss = max(loss_bytes(config, items, uses_full_softmax(model, items)) for items in catalogs.values())
+    evaluation = target_items * model.width * FLOAT + index_bytes(config.eval.retrieval.index, target_items,
+                                                                  model.width)
+    per_worker = target_table + values + largest_loss + evaluation  # values: the best state's copy
+    sources = sum(table_bytes(config, domain, items, has_row_sparse_table(model, items))
+                  for domain, items in catalogs.items() if domain != target)
+    return workers * per_worker + sources
 
 
 def check_training_memory(config: ExperimentConfig) -> None:

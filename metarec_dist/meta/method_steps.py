@@ -18,7 +18,7 @@ import torch
 from metarec_dist.errors import TrainingError
 from metarec_dist.meta.records import SourceWeights
 from metarec_dist.meta.sampling import BatchSampler
-from metarec_dist.meta.step import Collective, MetaConfig, TaskBatch, meta_step
+from metarec_dist.meta.step import Collective, MetaConfig, TargetRows, TaskBatch, meta_step
 from metarec_dist.model.recommender import SequenceRecommender
 
 
@@ -35,9 +35,11 @@ class MethodSteps:
         meta_config: MetaConfig,
         inner_lrs: list[torch.Tensor],
         weights: SourceWeights,
+        target_rows: TargetRows,
     ):
         self.model, self.optimizer, self.sampler, self.collective = model, optimizer, sampler, collective
         self.target_domain, self.meta_config, self.inner_lrs, self.weights = target, meta_config, inner_lrs, weights
+        self.target_rows = target_rows
 
     def for_method(self, method: str) -> Callable[[int], float]:
         """The main step of ``method`` (``joint`` pre-trains with ``joint`` and fine-tunes with ``target``)."""
@@ -53,12 +55,18 @@ class MethodSteps:
 
     def target(self, step: int) -> float:
         batch = self.sampler.target_batch()
-        loss = self.model(self.target_domain, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)).loss
+        inputs, targets = torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)
+        negatives = self.model.draw_negatives(self.target_domain)
+        self._load_target_rows([(inputs, targets, negatives)])
+        loss = self.model(self.target_domain, inputs, targets, negatives).loss
         return self._gradient_step({self.target_domain: loss}, step, average=True)
 
     def meta(self, step: int) -> float:
-        tasks = [TaskBatch(source, self.sampler.source_batch(source), self.sampler.target_batch())
+        tasks = [TaskBatch(source, self.sampler.source_batch(source), self.sampler.target_batch(),
+                           self.model.draw_negatives(self.target_domain))
                  for source in self.sampler.sources(self.meta_config.tasks_per_step)]
+        self._load_target_rows([(torch.as_tensor(task.query.inputs), torch.as_tensor(task.query.targets),
+                                 task.query_negatives) for task in tasks])
         result = meta_step(self.model, self.optimizer, self.target_domain, tasks, self.meta_config, self.inner_lrs,
                            self.collective)
         if not math.isfinite(result.query_loss):
@@ -68,6 +76,13 @@ class MethodSteps:
             )
         self.weights.record(step, result.sources, result.similarities, result.weights)
         return result.query_loss
+
+    def _load_target_rows(self, reads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
+        """Before a step: the target's rows its (inputs, targets, negatives) read, where the table lives
+        (split over workers, it holds only those)."""
+        ids = [self.model.rows_read(self.target_domain, *read) for read in reads]
+        if all(rows is not None for rows in ids):  # the full softmax reads every row: never split
+            self.target_rows.load(torch.unique(torch.cat(ids)))
 
     def _gradient_step(self, losses: dict[str, torch.Tensor], step: int, average: bool) -> float:
         """Gradients of the summed losses; the optimizer sums them over workers (source tasks),

@@ -39,12 +39,22 @@ class RowSparseAdam(torch.optim.Adam):
             for p, grad in held:
                 p.grad = grad
 
-    def _sparse_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+    @torch.no_grad()
+    def count_step(self, p: torch.Tensor) -> None:
+        """Count a step of ``p`` that changed none of its rows (the rest of its table, held by another
+        process, was updated): the step count drives the bias correction of later updates."""
+        self._state(p)["step"] += 1
+
+    def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _sparse_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        state = self._state(p)
         grad = grad.coalesce()
         rows, values = grad.indices()[0], grad.values().to(p.dtype)
         if len(rows) == 0:

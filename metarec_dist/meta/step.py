@@ -26,7 +26,7 @@ support loss (at theta); the target's learn from the weighted query losses.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -69,6 +69,7 @@ class TaskBatch:
     source: str
     support: NextItemBatch
     query: NextItemBatch
+    query_negatives: torch.Tensor | None = None  # the sampled softmax's draws (None: drawn in the loss)
 
 
 @dataclass
@@ -85,10 +86,10 @@ class TaskResult:
     query_loss: float
 
 
-def _loss(model: SequenceRecommender, params: Params, domain: str, batch: NextItemBatch) -> torch.Tensor:
-    inputs = torch.as_tensor(batch.inputs)
-    targets = torch.as_tensor(batch.targets)
-    return functional_call(model.restricted_to((domain,)), params, (domain, inputs, targets), strict=False).loss
+def _loss(model: SequenceRecommender, params: Params, domain: str, batch: NextItemBatch,
+          negatives: torch.Tensor | None = None) -> torch.Tensor:
+    arguments = (domain, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets), negatives)
+    return functional_call(model.restricted_to((domain,)), params, arguments, strict=False).loss
 
 
 def run_task(
@@ -124,7 +125,7 @@ def run_task(
                 }
             fast = _sgd_step(fast, shared, gradients[: len(shared)], rates, config, step, second_order)
 
-        query = _loss(model, {**fast, **target_local}, target, task.query)
+        query = _loss(model, {**fast, **target_local}, target, task.query, task.query_negatives)
         # First order: g_i at phi_i (the fast tensors); second order: at theta, through the loop.
         meta_wrt = [fast[name] for name in shared] if not second_order else [theta[name] for name in shared]
         wrt = meta_wrt + list(target_local.values()) + list(rates)
@@ -281,6 +282,35 @@ class LocalCollective:
 
 
 LOCAL = LocalCollective()
+
+
+class TargetRows(Protocol):
+    """Where the target's item table lives (``metarec_dist.distributed.row_shards`` splits it over workers)."""
+
+    def load(self, ids: torch.Tensor) -> None:
+        """Hold the rows of ``ids`` (sorted, unique) for the next step (a collective)."""
+
+    def whole(self, keep_changes: bool = False) -> AbstractContextManager[None]:
+        """The whole table for a block of code (validation, checkpoints); a collective."""
+
+    def block(self) -> tuple[int, int] | None:
+        """The rows [start, stop) this process owns; None: it holds the whole table."""
+
+
+class WholeTargetTable:
+    """The whole table in this process: nothing to load or assemble."""
+
+    def load(self, ids: torch.Tensor) -> None:
+        return None
+
+    def block(self) -> tuple[int, int] | None:
+        return None
+
+    def whole(self, keep_changes: bool = False) -> AbstractContextManager[None]:
+        return nullcontext()
+
+
+WHOLE_TARGET_TABLE = WholeTargetTable()
 
 
 def reduced_names(model: SequenceRecommender, target: str) -> list[str]:

@@ -46,7 +46,15 @@ from metarec_dist.meta.method_steps import MethodSteps
 from metarec_dist.meta.records import LoopState, SourceWeights, StepTime
 from metarec_dist.meta.row_sparse_adam import RowSparseAdam
 from metarec_dist.meta.sampling import BatchSampler
-from metarec_dist.meta.step import LOCAL, Collective, MetaConfig, initial_inner_lrs, reduced_names
+from metarec_dist.meta.step import (
+    LOCAL,
+    WHOLE_TARGET_TABLE,
+    Collective,
+    MetaConfig,
+    TargetRows,
+    initial_inner_lrs,
+    reduced_names,
+)
 from metarec_dist.meta.training_data import TrainingData
 from metarec_dist.model.recommender import SequenceRecommender
 
@@ -91,6 +99,8 @@ class Trainer:
             self.meta_config = config.meta.model_copy(update={"weighting": "uniform"})
         self.inner_lrs = initial_inner_lrs(self.model, self.meta_config) if self._is_meta else []
         self.optimizer = (make_optimizer or local_adam)(self.model, self.inner_lrs, config)
+        # Where the target's table lives: whole here, or split by rows over workers (the optimizer's).
+        self.target_rows: TargetRows = getattr(self.optimizer, "target_rows", WHOLE_TARGET_TABLE)
         self.training_rows = data.split.training_users
         if len(self.training_rows) == 0:
             raise ConfigError("data.limited_target_fraction: no target user keeps training data; raise it")
@@ -98,7 +108,7 @@ class Trainer:
                                     np.random.default_rng(train.seed + collective.rank))  # batches differ per worker
         self.weights = SourceWeights()
         self.steps = MethodSteps(self.model, self.optimizer, self.sampler, collective, data.target,
-                                 self.meta_config, self.inner_lrs, self.weights)
+                                 self.meta_config, self.inner_lrs, self.weights, self.target_rows)
         self.loop = LoopState()
         self.step_time = StepTime()
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -193,7 +203,8 @@ class Trainer:
             loop.pending_losses.append(self._timed(main_step, step))
             loop.step = step
             if step % train.eval_every == 0 or step == train.steps:
-                entry = self._validate(step, started, leader)
+                with self.target_rows.whole():
+                    entry = self._validate(step, started, leader)
                 bar.set_postfix(loss=f"{entry['train_loss']:.3f}",
                                 valid=f"{entry['valid'][train.selection_metric]:.4f}")
                 if on_validation is not None:
@@ -207,8 +218,9 @@ class Trainer:
                 break
 
         per_worker = self.collective.all_gather_object(self._what_this_process_holds())
-        self.model.load_state_dict(self.best_state, strict=False)
-        test = self.evaluate("test")  # every process ranks its slice of the users
+        with self.target_rows.whole():
+            self.model.load_state_dict(self.best_state, strict=False)
+            test = self.evaluate("test")  # every process ranks its slice of the users
         if not leader:
             return TrainingOutcome(results=None, best_state=self.best_state, model=self.model)
         results = {
@@ -315,6 +327,7 @@ class Trainer:
             "rank": self.collective.rank,
             "sources": len(self.data.sources),
             "parameters": counts,
+            "target_table_block": self.target_rows.block(),  # rows owned where the table is split
             "peak_rss_mb": peak_resident_mb(),
             "main_step_ms": self.step_time.per_step_ms(),
         }

@@ -102,6 +102,9 @@ class DomainItems(nn.Module):
         super().__init__()
         self.num_items = num_items
         self.row_sparse = False  # set by the model: gradients of the rows read only
+        # Sorted item ids whose rows ``embedding.weight`` holds (None: every row). A table split
+        # by rows over workers holds only what the current step reads (``hold_rows``).
+        self.resident: torch.Tensor | None = None
         self.embedding = nn.Embedding(num_items + 1, width, padding_idx=PAD)
         # Unless init_std says otherwise: through an adapter, tables start at unit-scale rows
         # (1/sqrt(width) per entry) so quantization has distinct vectors to tell apart; id
@@ -130,8 +133,27 @@ class DomainItems(nn.Module):
         """Items' vectors before quantization: ``ids`` [R] -> [R, D]; None: every row, [N + 1, D]
         (row 0 is padding). Only the rows asked for are read and adapted."""
         weight = self.embedding.weight
-        rows = weight if ids is None else F.embedding(ids, weight, sparse=self.row_sparse)
+        if ids is None:
+            if self.resident is not None:
+                raise RuntimeError("this table holds some rows only: assemble it before reading every row")
+            rows = weight
+        else:
+            local = ids if self.resident is None else self._resident_rows(ids)
+            rows = F.embedding(local, weight, sparse=self.row_sparse)
         return rows if self.adapter is None else self.adapter(rows)
+
+    def _resident_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.searchsorted(self.resident, ids).clamp_max(len(self.resident) - 1)
+        if not torch.equal(self.resident[rows], ids):
+            missing = ids[self.resident[rows] != ids][:5].tolist()
+            raise RuntimeError(f"items {missing} are not among the rows this table holds: load them first")
+        return rows
+
+    @torch.no_grad()
+    def hold_rows(self, ids: torch.Tensor | None, rows: torch.Tensor) -> None:
+        """Make the table hold ``rows``, the rows of items ``ids`` (sorted; None: the whole table)."""
+        self.embedding.weight.data = rows
+        self.resident = ids
 
 
 @dataclass
@@ -271,8 +293,11 @@ class SequenceRecommender(nn.Module):
         device_type = next(self.parameters()).device.type
         return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
-    def forward(self, domain: str, inputs: torch.Tensor, targets: torch.Tensor) -> LossOutput:
+    def forward(self, domain: str, inputs: torch.Tensor, targets: torch.Tensor,
+                negatives: torch.Tensor | None = None) -> LossOutput:
         """Next-item cross-entropy at every non-padding position, plus the VQ loss of the items read.
+
+        ``negatives``: the sampled softmax's uniform draws (``draw_negatives``; default: drawn here).
 
         The training loss is ``forward`` so ``torch.func.functional_call`` can run it
         with substituted (fast) parameters. Only the items the batch reads are
@@ -283,7 +308,7 @@ class SequenceRecommender(nn.Module):
         wanted = targets[positions]  # [P]
         full = self.uses_full_softmax(domain)
         with self._autocast():
-            candidates, log_q = (None, None) if full else self._candidates(domain, wanted)
+            candidates, log_q = (None, None) if full else self._candidates(domain, wanted, negatives)
             if self.quantizer is not None and self.config.score_with == "quantized":
                 # Scored items are quantized too: the items read are the inputs and the scored ones.
                 tables = self.item_tables(domain, None if full else _used_ids(inputs, candidates))
@@ -302,7 +327,28 @@ class SequenceRecommender(nn.Module):
         vq_loss = _at_least_fp32(tables.vq_loss)
         return LossOutput(loss=recommendation + vq_loss, recommendation=recommendation, vq=vq_loss)
 
-    def _candidates(self, domain: str, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw_negatives(self, domain: str) -> torch.Tensor | None:
+        """The sampled softmax's ``sampled_negatives`` uniform item ids (every item if the catalog is no
+        larger); None where the domain trains with the full softmax."""
+        items = self.domains[module_key(domain)]
+        if self.uses_full_softmax(domain):
+            return None
+        if self.config.sampled_negatives >= items.num_items:
+            return torch.arange(1, items.num_items + 1)
+        return torch.randint(1, items.num_items + 1, (self.config.sampled_negatives,))
+
+    def rows_read(self, domain: str, inputs: torch.Tensor, targets: torch.Tensor,
+                  negatives: torch.Tensor | None) -> torch.Tensor | None:
+        """The item ids (sorted, padding first) whose rows ``forward`` with these arguments reads;
+        None: every row (the full softmax scores the whole catalog)."""
+        if self.uses_full_softmax(domain):
+            return None
+        if negatives is None:
+            raise ValueError(f"domain '{domain}' trains with the sampled softmax: draw its negatives first")
+        return _used_ids(inputs, targets, negatives)
+
+    def _candidates(self, domain: str, wanted: torch.Tensor,
+                    negatives: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The sampled softmax's items: the batch's targets (in-batch negatives for each other) plus
         ``sampled_negatives`` uniform draws, deduplicated and sorted; and log q, the log of each
         one's probability of being among them, which is subtracted from its logit (logQ correction):
@@ -310,11 +356,10 @@ class SequenceRecommender(nn.Module):
         with p the item's share of the domain's training events and P the batch's targets."""
         items = self.domains[module_key(domain)]
         draws = self.config.sampled_negatives
+        negatives = self.draw_negatives(domain) if negatives is None else negatives
+        candidates = torch.unique(torch.cat([wanted, negatives.to(wanted.device)]))
         if draws >= items.num_items:  # every item is a candidate, surely: the full softmax
-            candidates = torch.arange(1, items.num_items + 1, device=wanted.device)
             return candidates, torch.zeros(len(candidates), device=wanted.device)
-        uniform = torch.randint(1, items.num_items + 1, (draws,), device=wanted.device)
-        candidates = torch.unique(torch.cat([wanted, uniform]))
         log_missed = draws * math.log1p(-1.0 / items.num_items) + len(wanted) * torch.log1p(
             -items.event_share[candidates].clamp_max(1 - 1e-12))
         return candidates, torch.log(-torch.expm1(log_missed)).to(torch.float32)
