@@ -51,7 +51,7 @@ def run(code: Path, store: Path, steps: int) -> dict:
     return {"code": str(code), "commit": commit, "steps": results["steps_run"],
             "validations": len(results["history"]), "wall_seconds": results["wall_seconds"],
             "seconds_per_step": results["wall_seconds"] / results["steps_run"],
-            "valid_ndcg10": results["validation"]["ndcg@10"], "test_ndcg10": results["test"]["ndcg@10"]}
+            "valid_ndcg10": results["validation"]["NDCG@10"], "test_ndcg10": results["test"]["NDCG@10"]}
 
 
 def main() -> None:

@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                          help="an extra named row with its own overrides (e.g. target_only on 100%% of the data)")
 
+    tune = commands.add_parser("tune", help="search one method's settings (tune.space) with Ray Tune, on validation")
+    tune.add_argument("config", type=Path, help="run config YAML with a tune.space section")
+    tune.add_argument("--method", required=True, choices=["target_only", "joint", "uniform", "metarec"])
+    tune.add_argument("--trials", type=_positive, help="trials (default: the config's tune.trials)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key, e.g. --set train.steps=500")
+
     evaluate = commands.add_parser("evaluate", help="re-evaluate a finished run's model (validation and test)")
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory with model.pt")
     evaluate.add_argument(
@@ -405,6 +412,49 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"results: {directory / 'comparison.json'}\nplot: {plot}")
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from metarec_dist.config import load_config
+    from metarec_dist.distributed.tuning import check_tuning, tune_method
+    from metarec_dist.machine import machine_description
+    from metarec_dist.meta.config import ExperimentConfig
+    from metarec_dist.meta.search_space import with_settings
+    from metarec_dist.meta.training_data import check_domains_present
+    from metarec_dist.report.run_directory import create_run_dir, write_json, write_yaml
+    from metarec_dist.report.tables import format_table
+
+    config = with_settings(load_config(ExperimentConfig, args.config, args.overrides), {"method": args.method},
+                           where=f"--method {args.method}")
+    check_domains_present(config)
+    check_tuning(config, args.method)
+    trials = args.trials or config.tune.trials
+    directory = create_run_dir(config.output_dir, f"tune-{args.method}-{config.data.target}")
+    print(f"tuning directory: {directory} ({trials} trials)", file=sys.stderr)
+    outcome = tune_method(config, args.method, trials, directory)
+    metric = config.train.selection_metric
+    write_yaml(directory / "best.yaml", outcome.best_config.model_dump(mode="json"))
+    write_json(directory / "tune.json", {
+        "config": str(args.config), "overrides": args.overrides, "method": args.method, "metric": metric,
+        "space": {key: value.model_dump(exclude_none=True) for key, value in config.tune.space.items()},
+        "trials": outcome.trials, "best": outcome.best, "machine": machine_description()})
+    ranked = sorted(outcome.trials, key=lambda row: -1.0 if row["best_valid"] is None else -row["best_valid"])
+    keys = list(outcome.best["settings"])
+    print(format_table(
+        [{**{key: _short(row["settings"][key]) for key in keys},
+          f"valid {metric}": "failed" if row["best_valid"] is None else f"{row['best_valid']:.4f}",
+          "validations": row["validations"], "stopped by ASHA": "yes" if row["stopped_by_asha"] else ""}
+         for row in ranked],
+        [*keys, f"valid {metric}", "validations", "stopped by ASHA"],
+    ))
+    settings = ", ".join(f"{key}={_short(value)}" for key, value in outcome.best["settings"].items())
+    print(f"best: {settings} (validation {metric} {outcome.best['best_valid']:.4f}; the test split was not read)")
+    print(f"best config: {directory / 'best.yaml'} (metarec-dist train {directory / 'best.yaml'})")
+    print(f"results: {directory / 'tune.json'}")
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _comparison_json(args: argparse.Namespace, records: list[dict], rows: list[dict]) -> dict:
     from metarec_dist.machine import machine_description
 
@@ -588,6 +638,7 @@ def cmd_data_generate_log(args: argparse.Namespace) -> None:
 COMMANDS = {
     ("train", None): cmd_train,
     ("compare", None): cmd_compare,
+    ("tune", None): cmd_tune,
     ("data", "import"): cmd_data_import,
     ("data", "describe"): cmd_data_describe,
     ("data", "list"): cmd_data_list,

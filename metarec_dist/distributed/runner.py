@@ -98,7 +98,7 @@ def train_distributed(
         deepspeed_config(config)  # a bad file fails here, before any worker starts
     log.info("source domains per worker:\n%s", plan.table())
     storage = (config.runner.storage_path or storage_dir).resolve()
-    _connect(config)
+    connect(config)
     _preflight(config, storage)
 
     import ray
@@ -272,7 +272,7 @@ def _new_attempt_name(storage: Path) -> str:
     return next(f"attempt-{n}" for n in range(1, len(existing) + 2) if f"attempt-{n}" not in existing)
 
 
-def _connect(config: ExperimentConfig) -> None:
+def connect(config: ExperimentConfig) -> None:
     """Join ``runner.address`` (or RAY_ADDRESS), else start a quiet local cluster."""
     # The controller reads worker reports once per health check; a short period keeps
     # per-validation reports from stalling the workers.

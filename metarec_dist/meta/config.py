@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -76,6 +76,48 @@ class RunnerConfig(StrictModel):
     )
 
 
+class SearchDimension(StrictModel):
+    """The values one setting is searched over: exactly one of the four kinds."""
+
+    choice: list[Any] | None = Field(None, description="one of these values")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high], uniformly")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], uniformly in log space")
+    randint: tuple[int, int] | None = Field(None, description="an integer in [low, high)")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchDimension:
+        given = [kind for kind in ("choice", "uniform", "loguniform", "randint") if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of choice, uniform, loguniform, randint")
+        bounds = getattr(self, given[0])
+        if given[0] == "choice" and not bounds:
+            raise ValueError("choice: give at least one value")
+        if given[0] != "choice" and not bounds[0] < bounds[1]:
+            raise ValueError(f"{given[0]}: low must be below high, got {list(bounds)}")
+        if given[0] == "loguniform" and bounds[0] <= 0:
+            raise ValueError(f"loguniform: low must be positive, got {bounds[0]}")
+        return self
+
+    def examples(self) -> list[Any]:
+        """Values a trial may get, for checking them up front: the choices, or the two ends."""
+        if self.choice is not None:
+            return list(self.choice)
+        low, high = self.uniform or self.loguniform or (self.randint[0], self.randint[1] - 1)
+        return [low, high]
+
+
+class TuneConfig(StrictModel):
+    """``metarec-dist tune``: random search over ``space`` with ASHA stopping the worst trials early."""
+
+    space: dict[str, SearchDimension] = Field(
+        default_factory=dict, description="dotted setting (model.*, meta.*, train.*) -> the values to search"
+    )
+    trials: int = Field(8, ge=1, description="trials per method (--trials overrides)")
+    grace_validations: int = Field(1, ge=1, description="validations every trial gets before it may be stopped")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: at each rung, the best 1/reduction_factor go on")
+    seed: int = Field(0, description="seed of the search's random stream")
+
+
 class ExperimentConfig(StrictModel):
     method: Literal["metarec", "uniform", "joint", "target_only"] = "metarec"
     data: DataConfig
@@ -84,6 +126,7 @@ class ExperimentConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     runner: RunnerConfig = RunnerConfig()
+    tune: TuneConfig = TuneConfig()
     output_dir: Path = Field(Path("runs"), description="run directories are created inside")
 
     @model_validator(mode="after")

@@ -180,12 +180,14 @@ class Trainer:
         self,
         on_validation: Callable[[dict[str, Any]], None] | None = None,
         after_step: Callable[[int], None] | None = None,
+        test: bool = True,
     ) -> TrainingOutcome:
         """Train, validate, select, test; from ``self.loop`` on (a resumed run has restored it).
 
         ``on_validation(entry)`` runs in every process at each validation, and
         ``after_step(step)`` after every main step once its bookkeeping is
-        done (where checkpoints are taken). In a distributed run only the
+        done (where checkpoints are taken). ``test`` False: the test split is
+        not read (a tuning trial), and ``results["test"]`` is None. In a distributed run only the
         leader's outcome carries results; the others return ``results=None``.
         """
         train, loop = self.config.train, self.loop
@@ -220,7 +222,7 @@ class Trainer:
         per_worker = self.collective.all_gather_object(self._what_this_process_holds())
         with self.target_rows.whole():
             self.model.load_state_dict(self.best_state, strict=False)
-            test = self.evaluate("test")  # every process ranks its slice of the users
+            tested = self.evaluate("test") if test else None  # every process ranks its slice of the users
         if not leader:
             return TrainingOutcome(results=None, best_state=self.best_state, model=self.model)
         results = {
@@ -237,7 +239,7 @@ class Trainer:
             "wall_seconds": time.perf_counter() - started,
             "selection_metric": train.selection_metric,
             "validation": loop.best_valid,
-            "test": test,
+            "test": tested,
             "history": loop.history,
             "parameters": sum(p.numel() for p in self.model.parameters()),  # this process's
         }
