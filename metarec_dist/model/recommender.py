@@ -56,8 +56,8 @@ class ModelConfig(StrictModel):
         "positions x items)"
     )
     sampled_negatives: int = Field(
-        1024, ge=1, description="uniform negatives shared by a batch (sampled softmax); at least the catalog's "
-        "size: every item, which is the full softmax"
+        4096, ge=1, description="uniform negatives shared by a batch (sampled softmax; docs/RESULTS.md compares "
+        "counts against the full softmax); at least the catalog's size: every item, which is the full softmax"
     )
     item_gradients: Literal["row_sparse", "dense"] = Field(
         "row_sparse", description="row_sparse: a table trained with the sampled softmax gets the gradient of the "
