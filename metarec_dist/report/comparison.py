@@ -37,10 +37,13 @@ def summary_rows(records: list[dict[str, Any]], metrics: tuple[str, ...] = METRI
 
 
 def table_rows(rows: list[dict[str, Any]], metrics: tuple[str, ...] = METRICS) -> list[dict[str, str]]:
-    """``summary_rows`` as text cells: ``mean ± std``, the best mean marked with ``*``."""
-    return [{"method": row["method"], "seeds": str(row["seeds"]),
-             **{metric: f"{row[metric]['mean']:.4f} ± {row[metric]['std']:.4f}{' *' if row[metric]['best'] else ''}"
-                for metric in metrics},
+    """``summary_rows`` as text cells: ``mean ± std`` (one seed: the value), the best mean marked with ``*``."""
+
+    def cell(row: dict[str, Any], metric: str) -> str:
+        spread = f" ± {row[metric]['std']:.4f}" if row["seeds"] > 1 else ""
+        return f"{row[metric]['mean']:.4f}{spread}{' *' if row[metric]['best'] else ''}"
+
+    return [{"method": row["method"], "seeds": str(row["seeds"]), **{metric: cell(row, metric) for metric in metrics},
              "seconds": f"{row['seconds']:.0f}"} for row in rows]
 
 
