@@ -52,7 +52,7 @@ from metarec_dist.distributed.deepspeed_ops import load_deepspeed_ops
 from metarec_dist.distributed.deepspeed_private import give_deepspeed_a_world_group, link_zero_optimizer_state
 from metarec_dist.distributed.row_shards import ShardedItemTable
 from metarec_dist.errors import ConfigError
-from metarec_dist.meta.config import ExperimentConfig
+from metarec_dist.meta.config import ExperimentConfig, target_table_is_split
 from metarec_dist.meta.row_sparse_adam import RowSparseAdam
 from metarec_dist.meta.step import WHOLE_TARGET_TABLE, Collective, TargetRows
 from metarec_dist.model.recommender import SequenceRecommender, module_key
@@ -113,13 +113,6 @@ def _summed_dense(parameters: list[torch.Tensor], collective: Collective) -> lis
     return [g if has else None for g, has in zip(gradients, present)]
 
 
-def _split_by_rows(model: SequenceRecommender, target: str, config: ExperimentConfig, world_size: int) -> bool:
-    """Whether the target's item table is split by rows over the workers (``runner.shard_target_rows_from``)."""
-    threshold = config.runner.shard_target_rows_from
-    items = model.domains[module_key(target)]
-    return world_size > 1 and threshold is not None and items.num_items >= threshold and items.row_sparse
-
-
 def codebook_owner(codebook: int, world_size: int) -> int:
     """Codebook m lives on worker m mod N (round-robin: every worker owns about M/N of them)."""
     return codebook % world_size
@@ -143,13 +136,13 @@ class WorkerOptimizer:
         named = model.parameter_index()
         encoder_names = [n for n in named if n.startswith("encoder.")]
         target_names = model.local_names(target)
-        self.target_rows: TargetRows = WHOLE_TARGET_TABLE
+        items = model.domains[module_key(target)]
         table = f"domains.{module_key(target)}.embedding.weight"
-        if _split_by_rows(model, target, config, collective.world_size):
-            self.target_rows = ShardedItemTable(model.domains[module_key(target)], table, collective,
-                                                train.learning_rate, train.weight_decay)
-        target_parameters = [named[n] for n in target_names
-                             if not (n == table and isinstance(self.target_rows, ShardedItemTable))]
+        self.split_table: ShardedItemTable | None = None  # the target's table, where it is split by rows
+        if target_table_is_split(config.runner, items.num_items, items.row_sparse, collective.world_size):
+            self.split_table = ShardedItemTable(items, table, collective, train.learning_rate, train.weight_decay)
+        self.target_rows: TargetRows = WHOLE_TARGET_TABLE if self.split_table is None else self.split_table
+        target_parameters = [named[n] for n in target_names if not (n == table and self.split_table is not None)]
         self.replicated = target_parameters + list(inner_lrs)
         replicated_groups: list[dict[str, Any]] = [{"params": target_parameters}]
         if inner_lrs:
@@ -211,8 +204,8 @@ class WorkerOptimizer:
             p.grad = g
         if self.engine is not None:
             self._step_encoder()
-        if isinstance(self.target_rows, ShardedItemTable):
-            self.target_rows.step()
+        if self.split_table is not None:
+            self.split_table.step()
 
     # --- the owners -------------------------------------------------------------------
 
@@ -270,8 +263,8 @@ class WorkerOptimizer:
         if self.engine is not None and self._engine_torch_adam() is None:
             shared.update(self._zero_entries(names))
         shared.update(self._codebook_entries())
-        if isinstance(self.target_rows, ShardedItemTable):
-            shared.update(self.target_rows.moments())
+        if self.split_table is not None:
+            shared.update(self.split_table.moments())
         own = _adam_entries(self.local_adam, names)
         return shared, own
 
@@ -295,8 +288,8 @@ class WorkerOptimizer:
             }
         if self.engine is not None and self._engine_torch_adam() is None:
             self._load_zero(state)
-        if isinstance(self.target_rows, ShardedItemTable):
-            self.target_rows.load_moments(state)
+        if self.split_table is not None:
+            self.split_table.load_moments(state)
 
     def _names(self) -> dict[int, str]:
         """id(parameter) -> the name it is checkpointed under."""
@@ -386,7 +379,7 @@ class WorkerOptimizer:
             "codebook": count(self.codebook_adam),
             "sources": count(self.local_adam),
             "replicated": count(self.replicated_adam) + count(self.encoder_adam),
-            "target_table_block": self.target_rows.numel() if isinstance(self.target_rows, ShardedItemTable) else 0,
+            "target_table_block": self.split_table.numel() if self.split_table is not None else 0,
         }
 
 

@@ -76,6 +76,13 @@ class RunnerConfig(StrictModel):
     )
 
 
+def target_table_is_split(runner: RunnerConfig, num_items: int, row_sparse: bool, workers: int) -> bool:
+    """Whether the target's item table is split by rows over ``workers`` (``runner.shard_target_rows_from``):
+    a row-sparse table only, from that many items on, over more than one worker."""
+    threshold = runner.shard_target_rows_from
+    return row_sparse and workers > 1 and threshold is not None and num_items >= threshold
+
+
 class SearchDimension(StrictModel):
     """The values one setting is searched over: exactly one of the four kinds."""
 

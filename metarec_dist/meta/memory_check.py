@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from metarec_dist.data.store import DomainStore
 from metarec_dist.errors import ConfigError
-from metarec_dist.meta.config import ExperimentConfig
+from metarec_dist.meta.config import ExperimentConfig, target_table_is_split
 from metarec_dist.model.recommender import has_row_sparse_table, uses_full_softmax
 from metarec_dist.retrieval.memory import HEADROOM, available_bytes, index_bytes
 
@@ -49,9 +49,8 @@ def training_bytes(config: ExperimentConfig, catalogs: dict[str, int], loss: str
     workers, target = config.runner.workers, config.data.target
     target_items = catalogs[target]
     row_sparse = has_row_sparse_table(model, target_items)
-    threshold = config.runner.shard_target_rows_from
     values = _values_bytes(config, target, target_items)
-    if workers > 1 and row_sparse and threshold is not None and target_items >= threshold:
+    if target_table_is_split(config.runner, target_items, row_sparse, workers):
         target_table = table_bytes(config, target, target_items, row_sparse) // workers + values  # + whole
     else:
         target_table = table_bytes(config, target, target_items, row_sparse)
