@@ -130,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. --set eval.retrieval.index=ivf_pq for the saved index (eval.* only)",
     )
 
+    cluster = commands.add_parser("cluster", help="cluster definitions (cluster/)").add_subparsers(
+        dest="cluster_command", required=True, metavar="SUBCOMMAND"
+    )
+    check = cluster.add_parser(
+        "check", help="validate KubeRay manifests against KubeRay's CRDs and launcher YAMLs against Ray's schema"
+    )
+    check.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    check.add_argument("--crds", type=Path, metavar="DIR",
+                       help="a folder with KubeRay's ray.io_rayjobs.yaml and ray.io_rayclusters.yaml")
+
     bench = commands.add_parser("bench", help="offline benchmarks").add_subparsers(
         dest="bench_command", required=True, metavar="SUBCOMMAND"
     )
@@ -270,7 +280,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"results: {run_dir / 'results.json'}")
 
 
-def train_into(run_dir: Path, config, resume_from: Path | None = None, reference: dict | None = None):
+def train_into(run_dir: Path, config, resume_from=None, reference: dict | None = None):
     """Train ``config`` (in this process, or on Ray Train workers) into ``run_dir``: its log,
     ``model.pt``, ``results.json`` and plots. Returns (outcome, plots, TensorBoard log or None).
 
@@ -313,7 +323,7 @@ def train_into(run_dir: Path, config, resume_from: Path | None = None, reference
                     tensorboard(record)
 
             try:
-                outcome = train_distributed(config, _storage(run_dir, config), resume_from, on_progress=on_progress)
+                outcome = train_distributed(config, run_dir / "ray", resume_from, on_progress=on_progress)
             finally:
                 printer.close()
         save_state(run_dir / MODEL_FILE, outcome.best_state)
@@ -484,7 +494,7 @@ def _record_interruption(run_dir: Path, config, step: int | None, args: argparse
     if checkpoint is not None:
         command = " ".join(["metarec-dist train --resume", shlex.quote(str(run_dir)),
                             *(overrides if args.resume is not None else [])])
-        checkpoint_step = json.loads((checkpoint / "state.json").read_text())["step"]
+        checkpoint_step = json.loads(checkpoint.child("state.json").read_text())["step"]
         how = (f"every worker stopped after step {step} and wrote a checkpoint" if step is not None
                else f"stopped at once; the newest complete checkpoint is of step {checkpoint_step}")
     else:
@@ -510,12 +520,14 @@ def _resumed_config(run_dir: Path, overrides: list[str]):
     return config
 
 
-def _storage(run_dir: Path, config) -> Path:
-    """Where a distributed run's reports and checkpoints live."""
-    return config.runner.storage_path or run_dir / "ray"
+def _storage(run_dir: Path, config):
+    """Where a distributed run's reports and checkpoints live (a ``storage.Location``)."""
+    from metarec_dist.distributed.runner import run_storage
+
+    return run_storage(config, run_dir / "ray")
 
 
-def _last_checkpoint(run_dir: Path, config) -> Path:
+def _last_checkpoint(run_dir: Path, config):
     from metarec_dist.distributed.checkpoint import latest_complete
 
     storage = _storage(run_dir, config)
@@ -635,6 +647,13 @@ def cmd_data_generate_log(args: argparse.Namespace) -> None:
           f"interactions in {args.store} ({time.perf_counter() - started:.1f} s)")
 
 
+def cmd_cluster_check(args: argparse.Namespace) -> None:
+    from metarec_dist.cluster_manifests import check_manifest
+
+    for path in args.files:
+        print(f"{path}: {check_manifest(path, args.crds)}")
+
+
 COMMANDS = {
     ("train", None): cmd_train,
     ("compare", None): cmd_compare,
@@ -647,6 +666,7 @@ COMMANDS = {
     ("evaluate", None): cmd_evaluate,
     ("export", None): cmd_export,
     ("bench", "retrieval"): cmd_bench_retrieval,
+    ("cluster", "check"): cmd_cluster_check,
 }
 
 

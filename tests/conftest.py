@@ -13,6 +13,8 @@ from metarec_dist.data.synthetic import SyntheticConfig, generate_store
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The real data sets live beside the repository (../shared/data), never inside it.
 SHARED_DATA = Path(os.environ.get("METAREC_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+# KubeRay's CRDs (ray.io_rayjobs.yaml, ray.io_rayclusters.yaml), test data beside the repository too.
+KUBERAY_CRDS = Path(os.environ.get("METAREC_KUBERAY_CRDS", REPO_ROOT.parent / "shared" / "schemas" / "kuberay"))
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +22,13 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "Beauty.txt").is_file():
         pytest.fail(f"real data not found at {SHARED_DATA}; set METAREC_SHARED_DATA to the shared/data folder")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def kuberay_crds() -> Path:
+    if not (KUBERAY_CRDS / "ray.io_rayjobs.yaml").is_file():
+        pytest.fail(f"KubeRay CRDs not found at {KUBERAY_CRDS}; set METAREC_KUBERAY_CRDS to the schemas/kuberay folder")
+    return KUBERAY_CRDS
 
 
 @pytest.fixture
@@ -127,18 +136,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _in_gloo_process(rank: int, work, port: int, out: str) -> None:
+def _in_process_group(rank: int, work, port: int, out: str, backend: str) -> None:
+    import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         work(rank, out)
     finally:
         dist.destroy_process_group()
 
 
-def in_two_gloo_processes(work, out) -> None:
-    """``work(rank, out)`` in two real processes joined by a gloo process group (no Ray)."""
+def in_two_processes(work, out, backend: str = "gloo") -> None:
+    """``work(rank, out)`` in two real processes joined by a process group (no Ray); ``backend``
+    "nccl" puts rank r on GPU r."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_in_gloo_process, args=(work, free_port(), str(out)), nprocs=2)
+    mp.spawn(_in_process_group, args=(work, free_port(), str(out), backend), nprocs=2)

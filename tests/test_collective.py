@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import in_two_gloo_processes
+from conftest import in_two_processes
 
 
 def _gather_in_rank(rank: int, out: str) -> None:
@@ -30,7 +30,7 @@ def _gather_in_rank(rank: int, out: str) -> None:
 def test_all_gather_object_takes_one_round_for_small_objects_and_two_for_large_ones(tmp_path):
     from metarec_dist.distributed.collective import SMALL_OBJECT_BYTES
 
-    in_two_gloo_processes(_gather_in_rank, tmp_path)
+    in_two_processes(_gather_in_rank, tmp_path)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["small"] == [{"rank": 0, "similarities": [0.0, -1.0]}, {"rank": 1, "similarities": [0.5, -1.0]}]

@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import in_two_gloo_processes
+from conftest import in_two_processes
 
 from metarec_dist.distributed.control import STARTING, TRAINING, RunControl, overdue_message
 
@@ -69,7 +69,7 @@ def _stop_in_rank(rank: int, out: str) -> None:
 
 
 def test_every_worker_stops_at_the_same_step_one_after_any_of_them_was_asked(tmp_path):
-    in_two_gloo_processes(_stop_in_rank, tmp_path)
+    in_two_processes(_stop_in_rank, tmp_path)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got == {"stopped_at": 5, "never": [False] * 5}

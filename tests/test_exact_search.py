@@ -115,11 +115,20 @@ def test_an_empty_catalog_is_refused():
         ExactSearcher(np.empty((0, 8), np.float32))
 
 
-def test_search_refuses_reduced_precision_fp32_products():
-    searcher = ExactSearcher(np.ones((10, 8), np.float32))
-    torch.set_float32_matmul_precision("high")
+def test_search_under_reduced_precision_settings_is_exact_and_leaves_them_as_they_were():
+    rng = np.random.default_rng(0)
+    items, queries = rng.standard_normal((500, 64), np.float32), rng.standard_normal((20, 64), np.float32)
+    searcher = ExactSearcher(items)
+    expected = searcher.search(queries, 5)
+    torch.set_float32_matmul_precision("medium")
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
     try:
-        with pytest.raises(RetrievalError, match="set it to 'highest'"):
-            searcher.search(np.ones((2, 8), np.float32), 3)
+        found = searcher.search(queries, 5)
+        ranks = searcher.ranks(queries, expected.rows[:, 0])
+        assert torch.get_float32_matmul_precision() == "medium"
+        assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     finally:
         torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    np.testing.assert_array_equal(found.rows, expected.rows)
+    np.testing.assert_array_equal(ranks, 0)

@@ -102,10 +102,24 @@ def test_gpu_fallback_searches_on_the_cpu_and_says_so():
 @pytest.mark.parametrize("index", ["exact", "flat", "ivf_pq", "hnsw"])
 def test_a_catalog_larger_than_memory_is_refused_before_anything_is_allocated(index):
     huge = np.broadcast_to(np.float32(1.0), (10**10, 128))  # a view: no memory behind it
-    with pytest.raises(RetrievalError, match=r"needs about .* GiB but .* GiB is available"):
+    with pytest.raises(RetrievalError, match=r"needs about .* GiB but .* GiB of memory is available"):
         build_searcher(huge, RetrievalConfig(index=index))
 
 
 def test_an_unknown_index_type_is_a_config_error():
     with pytest.raises(ConfigError, match="index"):
         build_config(RetrievalConfig, {"index": "lsh"}, "config.yaml: eval.retrieval")
+
+
+def test_refining_gpu_candidates_on_the_cpu_equals_faiss_refine_flat():
+    """Where FAISS cannot copy IndexRefineFlat to a GPU, its base is searched there and re-scored here."""
+    from metarec_dist.retrieval.faiss_index import refine_exactly
+
+    items, queries = vectors(5000, 32, 3), vectors(50, 32, 4)
+    config = RetrievalConfig(index="ivf_pq", nlist=64, pq_m=8, refine_factor=4, train_size=5000)
+    searcher = build_searcher(items, config)
+    expected = searcher.search(queries, 10)
+    _, candidates = searcher.cpu_index.base_index.search(queries, 10 * config.refine_factor)
+    scores, rows = refine_exactly(queries, candidates, items, 10)
+    np.testing.assert_array_equal(rows, expected.rows)
+    np.testing.assert_allclose(scores, expected.scores, rtol=1e-5, atol=1e-5)

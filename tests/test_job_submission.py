@@ -1,6 +1,6 @@
 """The training job submitted with `ray job submit` to a real Ray head with token authentication on.
 
-What README.md ("Submitting to a Ray cluster") promises: a head started from the
+What README.md ("Where to run", 2.) promises: a head started from the
 virtual environment, `ray job submit --runtime-env cluster/runtime_env.yaml --
 metarec-dist train ...` from the repository root, and the trainer joins the job's
 cluster. The head is `ray start --head --block` in a session of its own, with its
@@ -9,28 +9,22 @@ other tests start with `ray.init()` in this process, nor ~/.ray/auth_token.
 """
 
 import json
-import os
 import re
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from conftest import REPO_ROOT, write_config
+from ray_nodes import VENV_BIN, free_port, start_node, stop_node, token_env
 
 pytestmark = pytest.mark.slow
 
-VENV_BIN = Path(sys.executable).parent
 # The entrypoint runs in the head's environment, which is this test's: its PATH need not
 # hold the venv (CI runs `.venv/bin/python -m pytest`), so name the venv's script.
 METAREC = str(VENV_BIN / "metarec-dist")
@@ -50,12 +44,6 @@ class RayHead:
         return JobSubmissionClient(self.dashboard, headers={"Authorization": f"Bearer {token or self.token}"})
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A token-authenticated head on 127.0.0.1, stopped at the end: this head only, never `ray stop`."""
@@ -63,20 +51,13 @@ def ray_head(tmp_path_factory):
     token_path = tmp_path_factory.mktemp("auth") / "auth_token"
     token_path.write_text(token)
     token_path.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # SIGTERM: stop now, not after a 30 s drain
+    env = token_env(token_path)
     temp_dir = tempfile.mkdtemp(prefix="ray-job-")  # short: Ray's socket paths must fit in 107 bytes
     dashboard_port = free_port()
     head_log = token_path.with_name("ray-start.log")
-    with head_log.open("w") as log:
-        head = subprocess.Popen(
-            [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-             f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-             "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-            env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
-        )
+    head = start_node(["--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+                       f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
+                       "--num-cpus=2"], env, temp_dir, head_log)
     try:
         ray_head = RayHead(f"http://127.0.0.1:{dashboard_port}", token, env)
         deadline = time.monotonic() + 60
@@ -90,28 +71,8 @@ def ray_head(tmp_path_factory):
                 time.sleep(0.5)
         yield ray_head
     finally:
-        stop_head(head, str(token_path))
+        stop_node(head, str(token_path))
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def stop_head(head: subprocess.Popen, token_path: str) -> None:
-    """SIGTERM to `ray start --block` tears its node down; then kill what this head started and left
-    (e.g. a job driver a failed test left running): the processes whose environment names its token."""
-    head.terminate()
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-    leftovers = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get("RAY_AUTH_TOKEN_PATH") == token_path:
-                process.kill()
-                leftovers.append(process)
-        except psutil.Error:
-            continue
-    psutil.wait_procs(leftovers, timeout=10)
 
 
 def runtime_env() -> dict:

@@ -7,7 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "metarec_dist"
-LAYERS = {"errors": 0, "config": 0, "machine": 0, "allocator": 0, "data": 1, "eval": 1, "retrieval": 1,
+LAYERS = {"errors": 0, "config": 0, "machine": 0, "allocator": 0, "device": 0, "storage": 0,
+          "cluster_manifests": 0, "data": 1, "eval": 1, "retrieval": 1,
           "model": 2, "meta": 3, "distributed": 4, "report": 5, "cli": 6}
 
 

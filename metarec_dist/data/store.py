@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from metarec_dist.data.domain import DomainTables
 from metarec_dist.data.sequences import SequenceView
 from metarec_dist.errors import StoreError
+from metarec_dist.storage import Location, is_uri, location
 
 SCHEMA_VERSION = 1
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -50,25 +51,29 @@ def check_domain_name(name: str) -> str:
 
 
 class DomainStore:
-    """A directory of domains. Creating the object touches nothing on disk."""
+    """A folder of domains: a local path, or a URI (``s3://...``) read through ``pyarrow.fs``.
+    Creating the object touches nothing. Remote stores are read-only: import into a local store and
+    copy it there (``aws s3 sync STORE s3://BUCKET/STORE``)."""
 
     def __init__(self, root: Path | str):
-        self.root = Path(root)
+        self.root = str(root) if is_uri(root) else Path(root)
+
+    @cached_property
+    def location(self) -> Location:
+        return location(self.root, "data.store")
 
     def names(self) -> list[str]:
         """Domains present, sorted. Temporary (dot) directories are not domains."""
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            entry.name
-            for entry in self.root.iterdir()
-            if entry.is_dir() and not entry.name.startswith(".") and (entry / _META_FILE).is_file()
-        )
+        return [name for name in self.location.folders() if not name.startswith(".") and name in self]
 
     def __contains__(self, name: str) -> bool:
-        return (self.root / name / _META_FILE).is_file()
+        return self.location.child(name, _META_FILE).is_file()
 
     def path(self, name: str) -> Path:
+        """A domain's folder in a local store (where it is written)."""
+        if not isinstance(self.root, Path):
+            raise StoreError(f"{self.root}: a remote store is read-only here; import into a local store and copy "
+                             "it there (e.g. aws s3 sync STORE s3://BUCKET/STORE)")
         return self.root / check_domain_name(name)
 
     def check_writable(self, name: str, overwrite: bool) -> Path:
@@ -108,14 +113,14 @@ class DomainStore:
 
     def open(self, name: str) -> StoredDomain:
         """A handle on one domain; its tables are read on first use."""
-        path = self.path(name)
+        check_domain_name(name)
         if name not in self:
             known = ", ".join(self.names()[:10]) or "none"
             raise StoreError(
                 f"{self.root}: no domain '{name}' in the store (present: {known}); "
                 "import it with 'metarec-dist data import'"
             )
-        return StoredDomain(path)
+        return StoredDomain(self.location.child(name))
 
 
 def _replace_directory(staging: Path, final: Path) -> None:
@@ -130,18 +135,19 @@ def _replace_directory(staging: Path, final: Path) -> None:
 
 
 class StoredDomain:
-    """One domain on disk. Tables are memory-mapped and read lazily."""
+    """One domain in a store. Tables are read lazily (memory-mapped from a local disk)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.name = path.name
+    def __init__(self, place: Location):
+        self.path = place
+        self.name = place.name
 
     @cached_property
     def meta(self) -> dict[str, Any]:
+        where = self.path.child(_META_FILE)
         try:
-            meta = json.loads((self.path / _META_FILE).read_text())
+            meta = json.loads(where.read_text())
         except (OSError, json.JSONDecodeError) as error:
-            raise StoreError(f"{self.path / _META_FILE}: unreadable domain metadata ({error}); re-import") from None
+            raise StoreError(f"{where}: unreadable domain metadata ({error}); re-import") from None
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path}: store schema version {meta.get('schema_version')} is not "
@@ -150,12 +156,12 @@ class StoredDomain:
         return meta
 
     def table(self, key: str) -> pa.Table:
-        """``sequences``, ``users`` or ``items``, memory-mapped."""
-        path = self.path / _TABLE_FILES[key]
+        """``sequences``, ``users`` or ``items``."""
+        where = self.path.child(_TABLE_FILES[key])
         try:
-            return pq.read_table(path, memory_map=True)
+            return pq.read_table(where.path, filesystem=where.filesystem, memory_map=where.is_local)
         except (OSError, pa.ArrowInvalid) as error:
-            raise StoreError(f"{path}: unreadable ({' '.join(str(error).split())}); re-import the domain") from None
+            raise StoreError(f"{where}: unreadable ({' '.join(str(error).split())}); re-import the domain") from None
 
     @cached_property
     def sequences(self) -> SequenceView:

@@ -35,6 +35,7 @@ from metarec_dist.errors import TrainingError
 from metarec_dist.meta.codebook_upkeep import summed_usage
 from metarec_dist.meta.step import reduced_names
 from metarec_dist.meta.trainer import Trainer
+from metarec_dist.storage import Location, location
 
 FORMAT_VERSION = 1
 
@@ -82,28 +83,30 @@ def write_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimiz
     (directory / f"done-{rank}.json").write_text(json.dumps({"files": sizes}))
 
 
-def is_complete(directory: Path) -> bool:
+def is_complete(directory: Path | Location) -> bool:
     """Every worker finished writing its part (a crash while writing leaves it incomplete)."""
+    folder = directory if isinstance(directory, Location) else location(directory, "checkpoint")
     try:
-        world_size = json.loads((directory / "state.json").read_text())["world_size"]
+        world_size = json.loads(folder.child("state.json").read_text())["world_size"]
+        present = folder.sizes()
         for rank in range(world_size):
-            files = json.loads((directory / f"done-{rank}.json").read_text())["files"]
+            files = json.loads(folder.child(f"done-{rank}.json").read_text())["files"]
             sizes = files if isinstance(files, dict) else dict.fromkeys(files)  # a list: written without sizes
-            if not all((directory / name).is_file() and size in (None, (directory / name).stat().st_size)
-                       for name, size in sizes.items()):
+            if not all(name in present and size in (None, present[name]) for name, size in sizes.items()):
                 return False
     except (OSError, ValueError, KeyError):
         return False
     return True
 
 
-def latest_complete(storage: Path) -> Path | None:
+def latest_complete(storage: Path | Location) -> Location | None:
     """The complete checkpoint of the highest step under ``storage`` (any attempt), or None."""
+    storage = storage if isinstance(storage, Location) else location(storage, "runner.storage_path")
     found = []
-    for state in storage.glob("**/state.json"):
+    for state in storage.files_named("state.json"):
         if is_complete(state.parent):
-            found.append((json.loads(state.read_text())["step"], str(state.parent)))
-    return Path(max(found)[1]) if found else None
+            found.append((json.loads(state.read_text())["step"], state.parent.uri, state.parent))
+    return max(found, key=lambda entry: entry[:2])[2] if found else None
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ class TorchCollective:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.seconds = 0.0  # wall time inside these calls, waiting for the other workers included
-        # NCCL moves only tensors on this process's GPU.
+        # NCCL moves only tensors on this process's GPU (metarec_dist.device.use_device made it current).
         nccl = dist.get_backend() == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 

@@ -53,7 +53,7 @@ from metarec_dist.distributed.deepspeed_private import give_deepspeed_a_world_gr
 from metarec_dist.distributed.row_shards import ShardedItemTable
 from metarec_dist.errors import ConfigError
 from metarec_dist.meta.config import ExperimentConfig, target_table_is_split
-from metarec_dist.meta.row_sparse_adam import RowSparseAdam
+from metarec_dist.meta.row_sparse_adam import RowSparseAdam, adam_state
 from metarec_dist.meta.step import WHOLE_TARGET_TABLE, Collective, TargetRows
 from metarec_dist.model.recommender import SequenceRecommender, module_key
 
@@ -85,7 +85,8 @@ def _summed_rows(parameters: list[torch.Tensor], collective: Collective) -> list
             for p in parameters]
     if collective.world_size == 1:
         return mine
-    shipped = [None if g is None else (g.indices(), g.values()) for g in mine]
+    # Pickled on the CPU: a GPU tensor would unpickle onto the sender's device index.
+    shipped = [None if g is None else (g.indices().cpu(), g.values().cpu()) for g in mine]
     everyone = collective.all_gather_object(shipped)
     summed = []
     for index, p in enumerate(parameters):
@@ -93,8 +94,8 @@ def _summed_rows(parameters: list[torch.Tensor], collective: Collective) -> list
         if not parts:
             summed.append(None)
             continue
-        indices = torch.cat([rows for rows, _ in parts], dim=1)
-        values = torch.cat([values for _, values in parts])
+        indices = torch.cat([rows for rows, _ in parts], dim=1).to(p.device)
+        values = torch.cat([values for _, values in parts]).to(p.device)
         summed.append(torch.sparse_coo_tensor(indices, values, p.shape).coalesce())
     return summed
 
@@ -103,7 +104,7 @@ def _summed_dense(parameters: list[torch.Tensor], collective: Collective) -> lis
     gradients = [_grad_or_zero(p) for p in parameters]
     present = [p.grad is not None for p in parameters]
     if collective.world_size > 1 and parameters:
-        flat = torch.cat([g.flatten() for g in gradients] + [torch.tensor(present, dtype=gradients[0].dtype)])
+        flat = torch.cat([g.flatten() for g in gradients] + [gradients[0].new_tensor(present)])
         collective.all_reduce_sum_([flat])
         offset = 0
         for g in gradients:
@@ -281,11 +282,12 @@ class WorkerOptimizer:
                 _load_adam_entries(optimizer, names, state)
         if self.codebook_adam is not None and "quantizer.codebooks/step" in state:
             self.codebook_shard.copy_(self.codebooks[self.owned_codebooks])
-            self.codebook_adam.state[self.codebook_shard] = {
-                "step": state["quantizer.codebooks/step"].clone(),
-                "exp_avg": state["quantizer.codebooks/exp_avg"][self.owned_codebooks].clone(),
-                "exp_avg_sq": state["quantizer.codebooks/exp_avg_sq"][self.owned_codebooks].clone(),
-            }
+            self.codebook_adam.state[self.codebook_shard] = adam_state(
+                state["quantizer.codebooks/step"],
+                state["quantizer.codebooks/exp_avg"][self.owned_codebooks],
+                state["quantizer.codebooks/exp_avg_sq"][self.owned_codebooks],
+                like=self.codebook_shard,
+            )
         if self.engine is not None and self._engine_torch_adam() is None:
             self._load_zero(state)
         if self.split_table is not None:
@@ -403,7 +405,7 @@ def _load_adam_entries(optimizer, names: dict[int, str], state: dict[str, torch.
         for p in group["params"]:
             name = names.get(id(p))
             if name is not None and f"{name}/step" in state:
-                optimizer.state[p] = {key: state[f"{name}/{key}"].clone() for key in ADAM_KEYS}
+                optimizer.state[p] = adam_state(*(state[f"{name}/{key}"] for key in ADAM_KEYS), like=p)
 
 
 def _grad_or_zero(p: torch.Tensor) -> torch.Tensor:

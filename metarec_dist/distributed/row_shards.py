@@ -33,7 +33,7 @@ from collections.abc import Iterator
 
 import torch
 
-from metarec_dist.meta.row_sparse_adam import RowSparseAdam
+from metarec_dist.meta.row_sparse_adam import RowSparseAdam, adam_state
 from metarec_dist.meta.step import Collective
 from metarec_dist.model.recommender import PAD, DomainItems
 
@@ -64,17 +64,19 @@ class ShardedItemTable:
     @torch.no_grad()
     def load(self, ids: torch.Tensor) -> None:
         """Hold the rows of ``ids`` (sorted, unique) for this worker's next step (a collective)."""
-        requests = self.collective.all_gather_object(ids)
+        # Pickled tensors travel on the CPU: a GPU tensor would unpickle onto the sender's device index.
+        device = self.own_rows.device
+        requests = self.collective.all_gather_object(ids.cpu())
         answers = {}
         for rank, wanted in enumerate(requests):
             mine = wanted[(wanted >= self.start) & (wanted < self.stop)]
-            answers[rank] = (mine, self.own_rows[mine - self.start])
+            answers[rank] = (mine, self.own_rows[(mine - self.start).to(device)].cpu())
         everyone = self.collective.all_gather_object(answers)  # [owner][requester] -> (ids, rows)
         parts = [owner[self.collective.rank] for owner in everyone]
         held = torch.cat([part_ids for part_ids, _ in parts])  # blocks in rank order: still sorted
-        if not torch.equal(held, ids):
+        if not torch.equal(held, ids.cpu()):
             raise ValueError(f"{self.name}: rows asked for must be sorted, unique and within the table")
-        self.items.hold_rows(ids, torch.cat([rows for _, rows in parts]).clone())
+        self.items.hold_rows(ids, torch.cat([rows for _, rows in parts]).to(device))
 
     @torch.no_grad()
     def step(self) -> None:
@@ -84,14 +86,14 @@ class ShardedItemTable:
         part = None
         if weight.grad is not None:
             gradient = (weight.grad if weight.grad.is_sparse else weight.grad.to_sparse(1)).coalesce()
-            part = (self.items.resident[gradient.indices()[0]], gradient.values())
+            part = (self.items.resident[gradient.indices()[0]].cpu(), gradient.values().cpu())
         everyone = [p for p in self.collective.all_gather_object(part) if p is not None]
         weight.grad = None
         self._hold_padding_only()
         if not everyone:
             return
-        rows = torch.cat([ids for ids, _ in everyone])
-        values = torch.cat([values for _, values in everyone])
+        rows = torch.cat([ids for ids, _ in everyone]).to(self.own_rows.device)
+        values = torch.cat([values for _, values in everyone]).to(self.own_rows.device)
         inside = (rows >= self.start) & (rows < self.stop)
         if len(rows) and not bool(inside.any()):
             self.adam.count_step(self.own_rows)  # the table stepped elsewhere: keep the bias correction in step
@@ -107,7 +109,7 @@ class ShardedItemTable:
     def whole(self, keep_changes: bool = False) -> Iterator[None]:
         """The whole table in the module for the block of code (a collective); ``keep_changes``: the
         values it holds at the end become the blocks' (loading a checkpoint)."""
-        table = torch.zeros(self.shape, dtype=self.own_rows.dtype)
+        table = self.own_rows.new_zeros(self.shape)
         table[self.start : self.stop] = self.own_rows.detach()
         self.collective.all_reduce_sum_([table])  # every row has one owner: the sum is the table
         self.items.hold_rows(None, table)
@@ -127,7 +129,7 @@ class ShardedItemTable:
             return {}
         entries = {f"{self.name}/step": torch.tensor(max(step for step in steps if step is not None))}
         for key in ("exp_avg", "exp_avg_sq"):
-            full = torch.zeros(self.shape, dtype=self.own_rows.dtype)
+            full = self.own_rows.new_zeros(self.shape)
             if state:
                 full[self.start : self.stop] = state[key]
             self.collective.all_reduce_sum_([full])
@@ -138,11 +140,11 @@ class ShardedItemTable:
         """Restore ``moments()``'s output (saved with any number of workers)."""
         if f"{self.name}/step" not in entries:
             return
-        self.adam.state[self.own_rows] = {
-            "step": entries[f"{self.name}/step"].clone(),
-            **{key: entries[f"{self.name}/{key}"][self.start : self.stop].clone()
-               for key in ("exp_avg", "exp_avg_sq")},
-        }
+        self.adam.state[self.own_rows] = adam_state(
+            entries[f"{self.name}/step"],
+            *(entries[f"{self.name}/{key}"][self.start : self.stop] for key in ("exp_avg", "exp_avg_sq")),
+            like=self.own_rows,
+        )
 
     def block(self) -> tuple[int, int] | None:
         """The rows [start, stop) this worker owns."""
@@ -154,4 +156,5 @@ class ShardedItemTable:
                                         if torch.is_tensor(v) and v.dim())
 
     def _hold_padding_only(self) -> None:
-        self.items.hold_rows(torch.tensor([PAD]), torch.zeros(1, self.shape[1], dtype=self.own_rows.dtype))
+        padding = torch.tensor([PAD], device=self.own_rows.device)
+        self.items.hold_rows(padding, self.own_rows.new_zeros(1, self.shape[1]))

@@ -49,9 +49,11 @@ from metarec_dist.distributed.control import (
 )
 from metarec_dist.distributed.optimizer import deepspeed_config
 from metarec_dist.distributed.plan import DomainPlan, plan_domains
+from metarec_dist.distributed.preflight import check_every_node, check_resources, uses_gpus
 from metarec_dist.errors import CheckpointError, ConfigError, MetarecError, RunInterrupted, TrainingError
 from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.saved_run import MODEL_FILE
+from metarec_dist.storage import Location, location
 
 log = logging.getLogger(__name__)
 
@@ -78,48 +80,55 @@ def source_plan(config: ExperimentConfig) -> DomainPlan:
 def train_distributed(
     config: ExperimentConfig,
     storage_dir: Path,
-    resume_from: Path | None = None,
+    resume_from: Location | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> DistributedOutcome:
     """Run ``config`` on ``config.runner.workers`` Ray Train workers.
 
     ``storage_dir``: where Ray Train keeps this run's reports and checkpoints unless
-    ``runner.storage_path`` is set
+    ``runner.storage_path`` (a path or URI) is set
     (each call adds an ``attempt-N`` directory, never touching earlier ones);
-    ``resume_from``: a complete checkpoint directory to continue from;
+    ``resume_from``: a complete checkpoint directory to continue from (local or remote);
     ``on_progress(record)``: called on the driver after every meta-step with
     the step, seconds, last loss, validation metric (at validations) and the
     top sources by weight, sent by the leader through a Ray queue.
     """
     # Workers run in directories of their own: every path they read must be absolute.
-    config = config.model_copy(update={"data": config.data.model_copy(update={"store": config.data.store.resolve()})})
+    config = config.model_copy(
+        update={"data": config.data.model_copy(update={"store": location(config.data.store, "data.store").uri})}
+    )
     plan = source_plan(config)
     if config.runner.zero_stage is not None or config.runner.deepspeed_config is not None:
         deepspeed_config(config)  # a bad file fails here, before any worker starts
     log.info("source domains per worker:\n%s", plan.table())
-    storage = (config.runner.storage_path or storage_dir).resolve()
+    storage = run_storage(config, storage_dir)
     connect(config)
-    _preflight(config, storage)
+    check_resources(config)
+    check_every_node(config, storage)
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     runner = config.runner
-    use_gpu = _use_gpu(runner.use_gpu)
+    use_gpu = uses_gpus(runner.use_gpu)
     # Ray Train's own barriers (every ray.train.report) wait forever by default: a worker frozen
     # at a report would hang the run. The trainer hands this variable on to its controller.
     os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = str(runner.collective_timeout_s)
-    # The queue and the control are tiny actors: they take no CPU from the workers' reservation.
-    progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0}) if on_progress is not None else None
-    control = ray.remote(num_cpus=0)(RunControl).remote(runner.workers)
+    # The queue and the control are tiny actors: they take no CPU from the workers' reservation, and
+    # live on the driver's node, so losing a worker's node loses neither.
+    beside_driver = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)}
+    progress = Queue(maxsize=10_000, actor_options=beside_driver) if on_progress is not None else None
+    control = ray.remote(RunControl).options(**beside_driver).remote(runner.workers)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "plan": plan.to_json(),
-            "resume_from": str(resume_from.resolve()) if resume_from else None,
+            "resume_from": resume_from.uri if resume_from else None,
             "progress": progress,
             "control": control,
         },
@@ -129,7 +138,7 @@ def train_distributed(
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=runner.collective_timeout_s),
         run_config=RunConfig(
             name=_new_attempt_name(storage),
-            storage_path=str(storage),
+            storage_path=storage.uri,
             failure_config=FailureConfig(max_failures=runner.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -267,8 +276,13 @@ def _progress_drained(progress, on_progress):
         progress.shutdown()
 
 
-def _new_attempt_name(storage: Path) -> str:
-    existing = {path.name for path in storage.glob("attempt-*")} if storage.is_dir() else set()
+def run_storage(config: ExperimentConfig, storage_dir: Path) -> Location:
+    """Where Ray Train keeps a run's reports and checkpoints: ``runner.storage_path``, else ``storage_dir``."""
+    return location(config.runner.storage_path or storage_dir, "runner.storage_path")
+
+
+def _new_attempt_name(storage: Location) -> str:
+    existing = {name for name in storage.folders() if name.startswith("attempt-")}
     return next(f"attempt-{n}" for n in range(1, len(existing) + 2) if f"attempt-{n}" not in existing)
 
 
@@ -340,45 +354,10 @@ def _driver_runtime_env(env_vars: dict[str, str]) -> dict[str, Any] | None:
     return {"env_vars": own} if own else None
 
 
-def _preflight(config: ExperimentConfig, storage: Path) -> None:
-    """Fail now, with the numbers, rather than wait forever for resources the cluster lacks."""
-    import ray
-
-    runner = config.runner
-    resources = ray.cluster_resources()
-    wanted = runner.workers * runner.cpus_per_worker
-    if resources.get("CPU", 0) < wanted:
-        raise ConfigError(
-            f"runner.workers: {runner.workers} workers x {runner.cpus_per_worker} CPUs need {wanted} CPUs, "
-            f"the Ray cluster has {resources.get('CPU', 0):g}; lower runner.workers or runner.cpus_per_worker"
-        )
-    if runner.use_gpu is True and resources.get("GPU", 0) < runner.workers:
-        raise ConfigError(
-            f"runner.use_gpu: {runner.workers} workers need {runner.workers} GPUs, the cluster has "
-            f"{resources.get('GPU', 0):g}; set runner.use_gpu to auto or false"
-        )
-    try:
-        storage.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=storage):
-            pass
-    except OSError as error:
-        raise ConfigError(
-            f"runner.storage_path: {storage} is not writable ({error.strerror}); choose another"
-        ) from None
-
-
-def _use_gpu(setting: bool | str) -> bool:
-    if setting == "auto":
-        import ray
-
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(setting)
-
-
 STALL_MARK = "stalled at meta-step"  # in the error a worker raises when a collective timed out
 
 
-def _user_error(error: Exception, storage: Path) -> MetarecError:
+def _user_error(error: Exception, storage: Location) -> MetarecError:
     """The most useful failure, as one line.
 
     Ray Train's controller failing to write the run's state to ``storage`` (a
@@ -438,6 +417,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
     from ray.util.queue import Full
 
+    from metarec_dist.device import use_device, worker_device
     from metarec_dist.distributed.checkpoint import read_checkpoint, write_checkpoint
     from metarec_dist.distributed.collective import TorchCollective
     from metarec_dist.distributed.deepspeed_ops import load_deepspeed_ops
@@ -450,6 +430,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     plan = DomainPlan.from_json(loop_config["plan"])
     progress = loop_config.get("progress")  # a ray.util.queue.Queue to the driver, or None
     control = loop_config["control"]
+    device = worker_device()
+    use_device(device)  # first: the collective's buffers and DeepSpeed's accelerator follow it
     collective = TorchCollective()
     rank = collective.rank
     node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
@@ -457,7 +439,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     def phase(name: str, detail: str = "") -> None:  # for the driver's start-up watchdog
         control.phase.remote(rank, node, name, detail)
 
-    phase(STARTING, f"pid {os.getpid()}")
+    phase(STARTING, f"pid {os.getpid()}, {device}")
     torch.set_num_threads(config.runner.cpus_per_worker)
     stop = StopAgreement(config.runner.collective_timeout_s)
     asked_to_stop = StopPoll(control) if rank == 0 else (lambda: False)
@@ -466,12 +448,13 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         # Build: the target and this worker's own sources, nothing else.
         phase("loading data", f"the target and {len(plan.shard(rank))} sources from {config.data.store}")
         data = load_training_data(config, plan.shard(rank))
-        if config.runner.zero_stage is not None:
-            load_deepspeed_ops(phase)
+        if config.runner.zero_stage is not None and device.type == "cpu":
+            load_deepspeed_ops(phase)  # DeepSpeed's CPU accelerator builds an op; CUDA's needs none here
         phase("building the model and optimizer")
         trainer = Trainer(
             config, data, progress=False, collective=collective,
             make_optimizer=lambda model, lrs, cfg: WorkerOptimizer(model, lrs, cfg, data.target, collective),
+            device=device,
         )
         # Restore: this run's last checkpoint (a worker was replaced), else the run being resumed.
         checkpoint = ray.train.get_checkpoint()
@@ -482,7 +465,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             log.warning("worker %d restored from its run's checkpoint at step %d", rank, step)
         elif loop_config.get("resume_from"):
             phase("restoring", f"the checkpoint {loop_config['resume_from']}")
-            read_checkpoint(Path(loop_config["resume_from"]), trainer, trainer.optimizer, plan)
+            with location(loop_config["resume_from"], "--resume").as_local_folder() as directory:
+                read_checkpoint(directory, trainer, trainer.optimizer, plan)
     except MetarecError as error:  # the same config everywhere: every worker fails here alike
         _report_final(rank, {ERROR_FILE: json.dumps({"error": str(error)}).encode()})
         return

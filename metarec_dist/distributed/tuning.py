@@ -22,6 +22,7 @@ from typing import Any
 from metarec_dist.errors import ConfigError, TrainingError
 from metarec_dist.meta.config import ExperimentConfig, SearchDimension
 from metarec_dist.meta.search_space import checked_space, with_settings
+from metarec_dist.storage import location
 
 
 @dataclass
@@ -43,7 +44,7 @@ def tune_method(config: ExperimentConfig, method: str, trials: int, directory: P
     """Run ``trials`` trials of ``method`` over ``config.tune.space``; Ray Tune's files go to ``directory``."""
     threads = config.train.threads or 1
     config = with_settings(config, {"method": method, "train.threads": threads,
-                                    "data.store": str(Path(config.data.store).resolve())}, where="tune")
+                                    "data.store": location(config.data.store, "data.store").uri}, where="tune")
     space = check_tuning(config, method)
     metric = config.train.selection_metric
     validations = math.ceil(config.train.steps / config.train.eval_every)

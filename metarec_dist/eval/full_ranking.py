@@ -158,8 +158,8 @@ def ranks_full_ranking(
             exclude = None
             if config.exclude_seen == "history":
                 mask = history_exclusion(histories, rows, targets[rows], num_items, config.allow_repeats)
-                exclude = torch.from_numpy(mask)
-            chunk_ranks = ranks_from_scores(scores, torch.from_numpy(targets[rows]), exclude)
+                exclude = torch.from_numpy(mask).to(scores.device)
+            chunk_ranks = ranks_from_scores(scores, torch.from_numpy(targets[rows]).to(scores.device), exclude)
             ranks[begin : begin + len(rows)] = chunk_ranks.cpu().numpy()
     return ranks
 

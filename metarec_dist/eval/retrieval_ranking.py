@@ -98,7 +98,7 @@ def ranks_given_queries(
     depth = max(config.ks)
     if excluded is None:
         excluded = [np.empty(0, np.int64)] * len(users)
-    found = search_excluding(searcher, queries.numpy(), min(depth, num_items), excluded)
+    found = search_excluding(searcher, queries.cpu().numpy(), min(depth, num_items), excluded)
     return ranks_from_top_k(found.rows, target_rows, num_items)
 
 

@@ -16,7 +16,8 @@ METHODS = ("metarec", "uniform", "joint", "target_only")
 
 
 class DataConfig(StrictModel):
-    store: Path = Path("store")
+    store: str = Field("store", description="the domain store: a local folder, or a URI every node can read "
+                       "(s3://bucket/store, gs://...)")
     target: str = Field(..., description="the domain to recommend in")
     sources: list[str] = Field(default_factory=list, description="source domains (tasks)")
     limited_target_fraction: float = Field(1.0, gt=0, le=1, description="target users that keep training data")
@@ -35,6 +36,10 @@ class TrainConfig(StrictModel):
     selection_metric: str = Field("NDCG@10", description="validation metric for early stopping")
     codebook_reinit_every: int = Field(100, ge=0, description="re-initialise dead codewords (0: never)")
     threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="the device of a one-process run (auto: CUDA when torch sees a GPU); Ray Train "
+        "workers use the device Ray Train gives them (runner.use_gpu)"
+    )
     tensorboard: bool = Field(False, description="also write TensorBoard event files to RUN_DIR/tensorboard")
 
 
@@ -45,9 +50,9 @@ class RunnerConfig(StrictModel):
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPUs when the cluster has them")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker")
     address: str | None = Field(None, description="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
-    storage_path: Path | None = Field(
+    storage_path: str | None = Field(
         None, description="where Ray Train keeps reports and checkpoints (default: inside the run directory); "
-        "on a multi-node cluster, storage every node can see"
+        "on a multi-node cluster, storage every node can see: a shared folder or a URI (s3://bucket/runs)"
     )
     collective_timeout_s: int = Field(
         300, ge=10, description="a collective (torch's, or Ray Train's barrier at each report) one worker "

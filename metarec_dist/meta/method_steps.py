@@ -50,12 +50,12 @@ class MethodSteps:
         losses = {}
         for source in self.sampler.sources(self.meta_config.tasks_per_step):
             batch = self.sampler.source_batch(source)
-            losses[source] = self.model(source, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)).loss
+            losses[source] = self.model(source, *self.model.tensors(batch)).loss
         return self._gradient_step(losses, step, average=False)
 
     def target(self, step: int) -> float:
         batch = self.sampler.target_batch()
-        inputs, targets = torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets)
+        inputs, targets = self.model.tensors(batch)
         negatives = self.model.draw_negatives(self.target_domain)
         self._load_target_rows([(inputs, targets, negatives)])
         loss = self.model(self.target_domain, inputs, targets, negatives).loss
@@ -65,8 +65,7 @@ class MethodSteps:
         tasks = [TaskBatch(source, self.sampler.source_batch(source), self.sampler.target_batch(),
                            self.model.draw_negatives(self.target_domain))
                  for source in self.sampler.sources(self.meta_config.tasks_per_step)]
-        self._load_target_rows([(torch.as_tensor(task.query.inputs), torch.as_tensor(task.query.targets),
-                                 task.query_negatives) for task in tasks])
+        self._load_target_rows([(*self.model.tensors(task.query), task.query_negatives) for task in tasks])
         result = meta_step(self.model, self.optimizer, self.target_domain, tasks, self.meta_config, self.inner_lrs,
                            self.collective)
         if not math.isfinite(result.query_loss):

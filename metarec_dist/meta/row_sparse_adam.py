@@ -80,3 +80,11 @@ def empty_row_gradient(like: torch.Tensor) -> torch.Tensor:
         torch.empty(0, *like.shape[1:], dtype=like.dtype, device=like.device),
         like.shape,
     )
+
+
+def adam_state(step: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Adam's state for parameter ``like`` from saved (CPU) tensors: the moments on its device, the
+    step count on the CPU, as torch's Adam keeps them (a checkpoint may come from another device)."""
+    return {"step": step.detach().cpu().clone(), "exp_avg": exp_avg.to(like.device, copy=True),
+            "exp_avg_sq": exp_avg_sq.to(like.device, copy=True)}

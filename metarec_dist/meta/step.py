@@ -88,7 +88,7 @@ class TaskResult:
 
 def _loss(model: SequenceRecommender, params: Params, domain: str, batch: NextItemBatch,
           negatives: torch.Tensor | None = None) -> torch.Tensor:
-    arguments = (domain, torch.as_tensor(batch.inputs), torch.as_tensor(batch.targets), negatives)
+    arguments = (domain, *model.tensors(batch), negatives)
     return functional_call(model.restricted_to((domain,)), params, arguments, strict=False).loss
 
 
@@ -171,8 +171,9 @@ def initial_inner_lrs(model: SequenceRecommender, config: MetaConfig) -> list[to
     if not config.learned_inner_lr:
         return []
     count = config.inner_steps * len(model.shared_names())
-    dtype = next(model.parameters()).dtype
-    return [torch.nn.Parameter(torch.tensor(config.inner_lr, dtype=dtype)) for _ in range(count)]
+    like = next(model.parameters())
+    return [torch.nn.Parameter(torch.tensor(config.inner_lr, dtype=like.dtype, device=like.device))
+            for _ in range(count)]
 
 
 # --- the pure part: similarity, weights, combination -------------------------------

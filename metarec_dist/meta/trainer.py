@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from metarec_dist.device import process_device, random_states, restore_random_states, use_device
 from metarec_dist.errors import ConfigError
 from metarec_dist.eval.metrics import metrics_from_ranks
 from metarec_dist.machine import peak_resident_mb
@@ -76,10 +77,14 @@ class Trainer:
         progress: bool = True,
         collective: Collective = LOCAL,
         make_optimizer: OptimizerFactory | None = None,
+        device: torch.device | None = None,
     ):
         """``make_optimizer(model, inner_lrs, config)``: the optimizer; across workers its ``step``
-        sums the gradients over them (``metarec_dist.distributed.optimizer``). Default: Adam in this process."""
+        sums the gradients over them (``metarec_dist.distributed.optimizer``). Default: Adam in this process.
+        ``device``: this process's (a Ray Train worker's); default ``train.device``."""
         self.config = config
+        self.device = device if device is not None else process_device(config.train.device)
+        use_device(self.device)
         self.data = data
         self.collective = collective
         self.progress = progress and collective.rank == 0
@@ -88,7 +93,7 @@ class Trainer:
             torch.set_num_threads(train.threads)
         torch.manual_seed(train.seed)  # the same theta and target tables in every worker
         catalogs = data.catalogs if config.method != "target_only" else {data.target: data.catalogs[data.target]}
-        self.model = SequenceRecommender(config.effective_model, catalogs)
+        self.model = SequenceRecommender(config.effective_model, catalogs).to(self.device)
         for domain in catalogs:
             self.model.set_item_frequencies(domain, torch.from_numpy(data.event_counts(domain)))
         if self.model.quantizer is not None:
@@ -128,7 +133,7 @@ class Trainer:
             "source_weights": self.weights.to_json(),
             "best_state": dict(self.best_state or {}),
             "inner_lrs": list(self.inner_lrs),
-            "random": {"sampler": self.sampler.rng.bit_generator.state, "torch": torch.get_rng_state().tolist()},
+            "random": {"sampler": self.sampler.rng.bit_generator.state, **random_states(self.device)},
         }
 
     @torch.no_grad()
@@ -143,7 +148,7 @@ class Trainer:
         random = state["random"]
         if random is not None:
             self.sampler.rng.bit_generator.state = random["sampler"]
-            torch.set_rng_state(torch.tensor(random["torch"], dtype=torch.uint8))
+            restore_random_states(random, self.device)
             return
         seed, rank, step = self.config.train.seed, self.collective.rank, self.loop.step
         self.sampler.rng = np.random.default_rng([seed, rank, step])

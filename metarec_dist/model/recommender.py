@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from metarec_dist.config import StrictModel
+from metarec_dist.data.batches import NextItemBatch
 from metarec_dist.model.encoder import EncoderConfig, SequenceEncoder
 from metarec_dist.model.vq import VectorQuantizer, VQConfig
 
@@ -272,6 +273,16 @@ class SequenceRecommender(nn.Module):
         padding = inputs == PAD
         return self.encoder(tables.inputs[tables.rows_of(inputs)], padding)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are (one device per process: ``metarec_dist.device``)."""
+        return next(self.parameters()).device
+
+    def tensors(self, batch: NextItemBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's inputs and targets as tensors on this model's device."""
+        return (torch.as_tensor(batch.inputs, device=self.device),
+                torch.as_tensor(batch.targets, device=self.device))
+
     def set_item_frequencies(self, domain: str, counts: torch.Tensor) -> None:
         """Events per item id ``[N + 1]`` in the domain's training data: the sampled softmax's proposal."""
         items = self.domains[module_key(domain)]
@@ -290,8 +301,7 @@ class SequenceRecommender(nn.Module):
         return [f"domains.{key}.embedding.weight" for key, items in self.domains.items() if items.row_sparse]
 
     def _autocast(self):
-        device_type = next(self.parameters()).device.type
-        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def forward(self, domain: str, inputs: torch.Tensor, targets: torch.Tensor,
                 negatives: torch.Tensor | None = None) -> LossOutput:
@@ -333,9 +343,10 @@ class SequenceRecommender(nn.Module):
         items = self.domains[module_key(domain)]
         if self.uses_full_softmax(domain):
             return None
+        # Drawn from the CPU's stream on every device: the same draws on CPU and GPU, one state to checkpoint.
         if self.config.sampled_negatives >= items.num_items:
-            return torch.arange(1, items.num_items + 1)
-        return torch.randint(1, items.num_items + 1, (self.config.sampled_negatives,))
+            return torch.arange(1, items.num_items + 1, device=self.device)
+        return torch.randint(1, items.num_items + 1, (self.config.sampled_negatives,)).to(self.device)
 
     def rows_read(self, domain: str, inputs: torch.Tensor, targets: torch.Tensor,
                   negatives: torch.Tensor | None) -> torch.Tensor | None:
@@ -384,6 +395,7 @@ class SequenceRecommender(nn.Module):
         ``catalog``: ``catalog(domain)`` computed once for many batches (default: only the rows
         ``inputs`` reads are computed)."""
         with self._autocast():
+            inputs = inputs.to(self.device)
             tables = catalog if catalog is not None else self.item_tables(domain, _used_ids(inputs))
             return _at_least_fp32(self.hidden(inputs, tables)[:, -1]).detach()
 
@@ -392,7 +404,7 @@ class SequenceRecommender(nn.Module):
         """Scores of every item for the next event: [B, N + 1] (padding column -inf)."""
         with self._autocast():
             tables = self.item_tables(domain)
-            last = self.hidden(inputs, tables)[:, -1]  # [B, D]
+            last = self.hidden(inputs.to(self.device), tables)[:, -1]  # [B, D]
             scores = _at_least_fp32(last @ tables.outputs.t())
         scores[:, PAD] = float("-inf")
         return scores

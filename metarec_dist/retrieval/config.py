@@ -23,12 +23,13 @@ class RetrievalConfig(StrictModel):
       ``ef_search`` beam widths.
 
     ``device``: ``cpu``, ``gpu`` (FAISS GPU resources, or torch CUDA for
-    ``exact``) or ``auto`` (GPU when one is usable). Asking for ``gpu`` where
-    there is none is an error unless ``gpu_fallback`` is on.
+    ``exact``; the process's own GPU) or ``auto`` (the default: GPU when one is
+    usable, so a GPU worker ranks on its GPU). Asking for ``gpu`` where there
+    is none is an error unless ``gpu_fallback`` is on.
     """
 
     index: IndexType = "exact"
-    device: Literal["cpu", "gpu", "auto"] = "cpu"
+    device: Literal["cpu", "gpu", "auto"] = "auto"
     gpu_fallback: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     query_block: int = Field(default=2048, gt=0)

@@ -24,6 +24,7 @@ Rows are 0-based positions in the item matrix; callers map them to item ids.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,6 +78,22 @@ class SearchResult:
 
     scores: np.ndarray
     rows: np.ndarray
+
+
+@contextlib.contextmanager
+def full_precision_products():
+    """The error bounds assume IEEE fp32 products and fp32 accumulation of bf16 products (no TF32, no
+    bf16 reductions, both of which CUDA allows by default): torch's flags say so inside, and the
+    caller's flags are back afterwards."""
+    precision = torch.get_float32_matmul_precision()
+    reduction = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduction
 
 
 class ExactSearcher:
@@ -151,9 +168,9 @@ class ExactSearcher:
 
     # --- top-k -----------------------------------------------------------------------
 
+    @full_precision_products()
     def search(self, queries: np.ndarray | torch.Tensor, k: int) -> SearchResult:
         """The ``k`` best items per query, best first; equal scores ordered by row."""
-        _require_full_precision_products()
         queries = self._queries(queries)
         if not 1 <= k <= self.num_items:
             raise RetrievalError(f"k must be in 1..{self.num_items} (the catalog size); got {k}")
@@ -201,6 +218,7 @@ class ExactSearcher:
 
     # --- exact rank of a target, for evaluation -------------------------------------
 
+    @full_precision_products()
     def ranks(
         self,
         queries: np.ndarray | torch.Tensor,
@@ -215,7 +233,6 @@ class ExactSearcher:
         score is read from the tile that holds it. Unlike the search, a block
         of queries stops only once every query in it is past the norm bound.
         """
-        _require_full_precision_products()
         queries = self._queries(queries)
         targets = np.asarray(targets, dtype=np.int64)
         if targets.shape != (len(queries),):
@@ -290,20 +307,6 @@ def _unique_pairs(excluded: Sequence[np.ndarray] | None, num_items: int) -> tupl
         raise RetrievalError(f"excluded rows must be in 0..{num_items - 1}")
     pairs = np.unique(query * num_items + rows)  # a row listed twice counts once
     return pairs // num_items, pairs % num_items
-
-
-def _require_full_precision_products() -> None:
-    """The error bounds assume IEEE fp32 products and fp32 accumulation of bf16 products."""
-    if torch.get_float32_matmul_precision() != "highest":
-        raise RetrievalError(
-            "exact search needs full fp32 matrix products, but torch.set_float32_matmul_precision is "
-            f"'{torch.get_float32_matmul_precision()}' (TF32/bf16 inside fp32); set it to 'highest'"
-        )
-    if torch.cuda.is_available() and torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction:
-        raise RetrievalError(
-            "exact search needs bf16 products accumulated in fp32; set "
-            "torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False"
-        )
 
 
 class _CandidatePool:

@@ -1,9 +1,10 @@
 """FAISS indexes behind the searcher interface: flat, IVF-Flat, IVF-PQ (+ exact refine), HNSW.
 
 On a machine with faiss-gpu and a GPU (``device: gpu`` or ``auto``) the index
-is copied to the GPU through ``StandardGpuResources``; the CPU index is kept,
-so a search deeper than FAISS GPU's selection limit (``GPU_MAX_K``) runs there
-and says so. HNSW has no GPU version and stays on the CPU.
+is copied to the process's GPU through ``StandardGpuResources`` (IVF-PQ with
+refinement: its base, re-scored on the CPU); the CPU index is kept, so a
+search deeper than FAISS GPU's selection limit (``GPU_MAX_K``) runs there and
+says so. HNSW has no GPU version and stays on the CPU.
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ def gpu_count() -> int:
 
 
 class FaissSearcher:
-    """A built FAISS index over ``num_items`` x ``width`` vectors; rows are 0-based."""
+    """A built FAISS index over ``num_items`` x ``width`` vectors; rows are 0-based.
+
+    On a GPU the index is a copy of the CPU one on this process's CUDA device.
+    FAISS cannot copy ``IndexRefineFlat`` to a GPU, so IVF-PQ with refinement
+    searches its compressed base there for ``refine_factor * k`` candidates and
+    re-scores them exactly on the CPU, as ``IndexRefineFlat`` does. A search
+    whose depth exceeds FAISS GPU's selection limit (``GPU_MAX_K``) runs on the
+    CPU index, with a warning.
+    """
 
     def __init__(self, cpu_index: faiss.Index, config: RetrievalConfig, use_gpu: bool):
         self.cpu_index = cpu_index
@@ -39,9 +48,16 @@ class FaissSearcher:
         self.width = cpu_index.d
         self.index = cpu_index
         self._gpu_resources = None
+        self._refine_vectors: np.ndarray | None = None  # set where the GPU searches a refined index's base
         if use_gpu:
             self._gpu_resources = faiss.StandardGpuResources()
-            self.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, cpu_index)
+            refined = isinstance(cpu_index, faiss.IndexRefineFlat)
+            base = faiss.downcast_index(cpu_index.base_index) if refined else cpu_index
+            self.index = faiss.index_cpu_to_gpu(self._gpu_resources, _cuda_device(), base)
+            if refined:
+                self._refine_vectors = faiss.rev_swig_ptr(
+                    faiss.downcast_index(cpu_index.refine_index).get_xb(), self.num_items * self.width
+                ).reshape(self.num_items, self.width)
         self.on_gpu = use_gpu
         self._apply_search_parameters()
 
@@ -57,21 +73,47 @@ class FaissSearcher:
         queries = _as_queries(queries, self.width)
         if not 1 <= k <= self.num_items:
             raise RetrievalError(f"k must be in 1..{self.num_items} (the catalog size); got {k}")
-        index = self.index
-        if self.on_gpu and k > GPU_MAX_K:
+        if not self.on_gpu:
+            return _result(*self.cpu_index.search(queries, k))
+        depth = k if self._refine_vectors is None else min(k * self.config.refine_factor, self.num_items)
+        if depth > GPU_MAX_K:
             warnings.warn(
-                f"k={k} is above FAISS GPU's limit of {GPU_MAX_K}; searching these queries on the CPU index",
+                f"a search {depth} deep (k={k}) is beyond FAISS GPU's limit of {GPU_MAX_K}; these queries "
+                "are searched on the CPU index",
                 stacklevel=2,
             )
-            index = self.cpu_index
-        scores, rows = index.search(queries, k)
-        return SearchResult(scores.astype(np.float32), rows.astype(np.int64))
+            return _result(*self.cpu_index.search(queries, k))
+        scores, rows = self.index.search(queries, depth)
+        if self._refine_vectors is not None:
+            scores, rows = refine_exactly(queries, rows, self._refine_vectors, k)
+        return _result(scores, rows)
 
     def save(self, path: Path) -> None:
         """Write the CPU index (loadable with ``faiss.read_index``) atomically."""
         partial = path.with_name(path.name + ".partial")
         faiss.write_index(self.cpu_index, str(partial))
         os.replace(partial, path)
+
+
+def refine_exactly(queries: np.ndarray, candidates: np.ndarray, vectors: np.ndarray,
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each query's ``candidates`` (rows, -1 for none) by exact inner product."""
+    safe = np.where(candidates >= 0, candidates, 0)
+    scores = np.einsum("qd,qcd->qc", queries, vectors[safe])
+    scores[candidates < 0] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(candidates, order, 1)
+
+
+def _result(scores: np.ndarray, rows: np.ndarray) -> SearchResult:
+    return SearchResult(scores.astype(np.float32), rows.astype(np.int64))
+
+
+def _cuda_device() -> int:
+    """This process's CUDA device (a Ray Train worker's own GPU), as FAISS numbers it."""
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
 def _as_queries(queries, width: int) -> np.ndarray:
@@ -111,8 +153,10 @@ def _empty_index(config: RetrievalConfig, num_items: int, width: int) -> faiss.I
     raise RetrievalError(f"retrieval.index={config.index!r} is not a FAISS index type")
 
 
-def build_faiss_searcher(items: np.ndarray, config: RetrievalConfig, progress: bool = False) -> FaissSearcher:
-    """Train (IVF) and fill a FAISS index with ``items`` ``[N, d]``; place it as ``config.device`` says.
+def build_faiss_searcher(items: np.ndarray, config: RetrievalConfig, use_gpu: bool,
+                         progress: bool = False) -> FaissSearcher:
+    """Train (IVF) and fill a FAISS index with ``items`` ``[N, d]``, copied to the GPU if ``use_gpu``
+    (``use_faiss_gpu(config)``).
 
     Callers check memory first (``search.build_searcher`` does).
     """
@@ -122,7 +166,6 @@ def build_faiss_searcher(items: np.ndarray, config: RetrievalConfig, progress: b
     if not np.isfinite(items).all():
         raise RetrievalError("items contain NaN or inf; they cannot be indexed")
     num_items, width = items.shape
-    use_gpu = _use_gpu(config)
     index = _empty_index(config, num_items, width)
     if not index.is_trained:
         rng = np.random.default_rng(config.seed)
@@ -133,7 +176,8 @@ def build_faiss_searcher(items: np.ndarray, config: RetrievalConfig, progress: b
     return FaissSearcher(index, config, use_gpu)
 
 
-def _use_gpu(config: RetrievalConfig) -> bool:
+def use_faiss_gpu(config: RetrievalConfig) -> bool:
+    """Whether FAISS searches on the GPU as ``config.device`` says (raises where it cannot)."""
     if config.device == "cpu":
         return False
     available = gpu_count() > 0
@@ -151,4 +195,4 @@ def _use_gpu(config: RetrievalConfig) -> bool:
     return available
 
 
-__all__ = ["GPU_MAX_K", "FaissSearcher", "build_faiss_searcher", "gpu_count"]
+__all__ = ["GPU_MAX_K", "FaissSearcher", "build_faiss_searcher", "gpu_count", "refine_exactly", "use_faiss_gpu"]

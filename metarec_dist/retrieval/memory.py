@@ -9,17 +9,25 @@ from metarec_dist.errors import RetrievalError
 HEADROOM = 0.9  # leave a tenth of the available memory to everything else
 
 
-def available_bytes() -> int:
+def available_bytes(device: str = "cpu") -> int:
+    """Free memory of this machine's RAM, or of this process's CUDA device (``device`` "cuda")."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        return int(free)
     return int(psutil.virtual_memory().available)
 
 
-def check_memory(needed: int, what: str) -> None:
-    """Raise ``RetrievalError`` if ``needed`` bytes exceed this machine's available memory."""
-    available = available_bytes()
+def check_memory(needed: int, what: str, device: str = "cpu") -> None:
+    """Raise ``RetrievalError`` if ``needed`` bytes exceed the available memory of ``device``."""
+    available = available_bytes(device)
     if needed > HEADROOM * available:
+        where = "GPU memory" if device.startswith("cuda") else "memory"
         raise RetrievalError(
-            f"{what} needs about {needed / 2**30:.1f} GiB but {available / 2**30:.1f} GiB is available; "
-            "use fewer items or queries, a smaller query_block/item_block, or an index with compressed codes (ivf_pq)"
+            f"{what} needs about {needed / 2**30:.1f} GiB but {available / 2**30:.1f} GiB of {where} is available; "
+            "use fewer items or queries, a smaller query_block/item_block, an index with compressed codes (ivf_pq)"
+            + (", or retrieval.device: cpu" if device.startswith("cuda") else "")
         )
 
 

@@ -17,7 +17,7 @@ import torch
 from metarec_dist.errors import RetrievalError
 from metarec_dist.retrieval.config import RetrievalConfig
 from metarec_dist.retrieval.exact import ExactSearcher, SearchResult, resolved_precision
-from metarec_dist.retrieval.faiss_index import build_faiss_searcher
+from metarec_dist.retrieval.faiss_index import build_faiss_searcher, use_faiss_gpu
 from metarec_dist.retrieval.memory import check_memory, index_bytes
 
 
@@ -48,11 +48,12 @@ def build_searcher(items: np.ndarray | torch.Tensor, config: RetrievalConfig, pr
     """The searcher ``config.index`` names, over ``items`` ``[N, d]``; memory is checked first."""
     num_items, width = tuple(items.shape) if len(items.shape) == 2 else (0, 0)
     needed = index_bytes(config.index, num_items, width, config.pq_m, config.pq_bits, config.hnsw_m)
-    device = exact_device(config) if config.index == "exact" else "cpu"
-    if config.index == "exact" and resolved_precision(config.precision, device) == "bf16":
-        needed += needed // 2  # the bf16 copy
-    check_memory(needed, f"a {config.index} searcher over {num_items:,} x {width} items")
+    what = f"a {config.index} searcher over {num_items:,} x {width} items"
     if config.index == "exact":
+        device = exact_device(config)
+        if resolved_precision(config.precision, device) == "bf16":
+            needed += needed // 2  # the bf16 copy
+        check_memory(needed, what, device)
         return ExactSearcher(
             items,
             precision=config.precision,
@@ -60,8 +61,12 @@ def build_searcher(items: np.ndarray | torch.Tensor, config: RetrievalConfig, pr
             query_block=config.query_block,
             item_block=config.item_block,
         )
+    on_gpu = use_faiss_gpu(config)
+    check_memory(needed, what)  # FAISS keeps the CPU index, also where it searches a GPU copy
+    if on_gpu:
+        check_memory(needed, what, "cuda")
     items = items.detach().cpu().numpy() if isinstance(items, torch.Tensor) else items
-    return build_faiss_searcher(items, config, progress=progress)
+    return build_faiss_searcher(items, config, on_gpu, progress=progress)
 
 
 def search_excluding(
