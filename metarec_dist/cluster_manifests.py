@@ -92,7 +92,7 @@ def _validate(document: dict[str, Any], schema: dict[str, Any], path: Path) -> N
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        document = yaml.safe_load(path.read_text())
+        document = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # CRDs are MBs
     except OSError as error:
         raise ConfigError(f"{path}: cannot read it ({error.strerror})") from None
     except yaml.YAMLError as error:

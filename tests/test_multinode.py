@@ -75,8 +75,10 @@ class TwoNodes:
         return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
 
 
-@pytest.fixture
-def two_nodes(tmp_path):
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """One cluster for the module (starting nodes is slow); the test that loses a node comes last."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
     token_path = tmp_path / "auth_token"
     token_path.write_text(secrets.token_hex(32))
     token_path.chmod(0o600)
@@ -156,4 +158,4 @@ def test_losing_a_node_mid_run_keeps_the_checkpoint_and_a_replacement_node_finis
     results = results_of(tmp_path / "runs")
     assert results["steps_run"] == 40
     assert latest_complete(storage) is not None and step >= 5
-    assert len(set(two_nodes.worker_nodes())) == 3, output  # the head, the lost node, its replacement
+    assert len(set(two_nodes.worker_nodes())) == 3, output  # the head, the lost node and its replacement

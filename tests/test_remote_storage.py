@@ -112,8 +112,8 @@ def test_a_run_reads_its_store_from_s3_checkpoints_there_and_resumes_from_there(
     config = write_config(tmp_path, synthetic_store)
     env = {**os.environ, **s3_server}
     command = [str(VENV_BIN / "metarec-dist"), "train", str(config), "--set", f"data.store={store}",
-               "--set", "runner.workers=2", "--set", f"runner.storage_path={storage}", "--set", "train.steps=30",
-               "--set", "train.eval_every=10", "--set", "runner.checkpoint_every=5"]
+               "--set", "runner.workers=2", "--set", f"runner.storage_path={storage}", "--set", "train.steps=16",
+               "--set", "train.eval_every=8", "--set", "runner.checkpoint_every=4"]
     run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while latest_complete(location(storage, "test")) is None:
@@ -132,7 +132,7 @@ def test_a_run_reads_its_store_from_s3_checkpoints_there_and_resumes_from_there(
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming from {storage}" in resumed.stderr
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["steps_run"] == 30 and stopped_at < 30
+    assert results["steps_run"] == 16 and stopped_at < 16
     assert results["test"]["NDCG@10"] >= 0
 
 
