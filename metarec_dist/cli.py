@@ -12,9 +12,13 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metarec_dist.allocator import keep_freed_memory
 from metarec_dist.errors import ConfigError, MetarecError, RunInterrupted
+
+if TYPE_CHECKING:  # the CLI imports its heavy modules where a command needs them
+    from metarec_dist.storage import Location
 
 DEFAULT_STORE = Path("store")
 EXIT_USER_ERROR = 2
@@ -280,7 +284,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"results: {run_dir / 'results.json'}")
 
 
-def train_into(run_dir: Path, config, resume_from=None, reference: dict | None = None):
+def train_into(run_dir: Path, config, resume_from: Location | None = None, reference: dict | None = None):
     """Train ``config`` (in this process, or on Ray Train workers) into ``run_dir``: its log,
     ``model.pt``, ``results.json`` and plots. Returns (outcome, plots, TensorBoard log or None).
 
@@ -520,14 +524,14 @@ def _resumed_config(run_dir: Path, overrides: list[str]):
     return config
 
 
-def _storage(run_dir: Path, config):
+def _storage(run_dir: Path, config) -> Location:
     """Where a distributed run's reports and checkpoints live (a ``storage.Location``)."""
     from metarec_dist.distributed.runner import run_storage
 
     return run_storage(config, run_dir / "ray")
 
 
-def _last_checkpoint(run_dir: Path, config):
+def _last_checkpoint(run_dir: Path, config) -> Location:
     from metarec_dist.distributed.checkpoint import latest_complete
 
     storage = _storage(run_dir, config)

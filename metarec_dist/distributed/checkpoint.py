@@ -86,27 +86,34 @@ def write_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimiz
 def is_complete(directory: Path | Location) -> bool:
     """Every worker finished writing its part (a crash while writing leaves it incomplete)."""
     folder = directory if isinstance(directory, Location) else location(directory, "checkpoint")
-    try:
-        world_size = json.loads(folder.child("state.json").read_text())["world_size"]
-        present = folder.sizes()
-        for rank in range(world_size):
-            files = json.loads(folder.child(f"done-{rank}.json").read_text())["files"]
-            sizes = files if isinstance(files, dict) else dict.fromkeys(files)  # a list: written without sizes
-            if not all(name in present and size in (None, present[name]) for name, size in sizes.items()):
-                return False
-    except (OSError, ValueError, KeyError):
-        return False
-    return True
+    return _complete_state(folder) is not None
 
 
 def latest_complete(storage: Path | Location) -> Location | None:
     """The complete checkpoint of the highest step under ``storage`` (any attempt), or None."""
     storage = storage if isinstance(storage, Location) else location(storage, "runner.storage_path")
     found = []
-    for state in storage.files_named("state.json"):
-        if is_complete(state.parent):
-            found.append((json.loads(state.read_text())["step"], state.parent.uri, state.parent))
-    return max(found, key=lambda entry: entry[:2])[2] if found else None
+    for state_file in storage.files_named("state.json"):
+        state = _complete_state(state_file.parent)
+        if state is not None:
+            found.append(((state["step"], state_file.parent.uri), state_file.parent))
+    return max(found, key=lambda entry: entry[0])[1] if found else None
+
+
+def _complete_state(folder: Location) -> dict | None:
+    """The checkpoint's ``state.json`` if every rank's ``done-<rank>.json`` names files of the sizes
+    written, else None (one listing of the folder: it may be remote)."""
+    try:
+        state = json.loads(folder.child("state.json").read_text())
+        present = folder.sizes()
+        for rank in range(state["world_size"]):
+            files = json.loads(folder.child(f"done-{rank}.json").read_text())["files"]
+            sizes = files if isinstance(files, dict) else dict.fromkeys(files)  # a list: written without sizes
+            if not all(name in present and size in (None, present[name]) for name, size in sizes.items()):
+                return None
+    except (OSError, ValueError, KeyError):
+        return None
+    return state
 
 
 @torch.no_grad()

@@ -280,8 +280,8 @@ class SequenceRecommender(nn.Module):
 
     def tensors(self, batch: NextItemBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch's inputs and targets as tensors on this model's device."""
-        return (torch.as_tensor(batch.inputs, device=self.device),
-                torch.as_tensor(batch.targets, device=self.device))
+        device = self.device
+        return torch.as_tensor(batch.inputs, device=device), torch.as_tensor(batch.targets, device=device)
 
     def set_item_frequencies(self, domain: str, counts: torch.Tensor) -> None:
         """Events per item id ``[N + 1]`` in the domain's training data: the sampled softmax's proposal."""
