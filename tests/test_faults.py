@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 CLI = [sys.executable, "-m", "metarec_dist"]
 # Long enough that ten killed starts of one run do not finish it.
-TRAIN = {"steps": 200, "batch_size": 16, "eval_every": 20, "learning_rate": 0.003, "patience": 100}
+TRAIN = {"steps": 120, "batch_size": 16, "eval_every": 20, "learning_rate": 0.003, "patience": 100}
 RUNNER = {"workers": 2, "checkpoint_every": 10, "max_failures": 0, "collective_timeout_s": 60}
 
 
@@ -125,8 +125,9 @@ def assert_same_as_unbroken(run_dir: Path, unbroken: dict) -> None:
 
 
 def test_sigkill_at_any_point_then_resume_or_restart_always_finishes_as_an_unbroken_run(workspace, unbroken):
-    """Ten kills of the whole session: during imports, Ray's start, DeepSpeed's first build, the
-    workers' start-up, training, checkpoint writing and evaluation; then the run finishes."""
+    """Eight kills of the whole session: during imports, Ray's start, DeepSpeed's first build, the
+    workers' start-up, training, checkpoint writing and evaluation (every kill after the first
+    checkpoint hits a resumed run); then the run finishes."""
     base, config, env = workspace
     output = base / "killed"
     extensions = base / "killed-extensions"  # the first start compiles DeepSpeed's op: kill it mid-build
@@ -143,8 +144,7 @@ def test_sigkill_at_any_point_then_resume_or_restart_always_finishes_as_an_unbro
         time.sleep(seconds)
         return True
 
-    imports_s, start_up_s, training_s, later_training_s = (
-        rng.uniform(0.3, 1.5), rng.uniform(8, 11), rng.uniform(0, 0.4), rng.uniform(0.1, 0.4))
+    imports_s, start_up_s, training_s = rng.uniform(0.3, 1.5), rng.uniform(8, 11), rng.uniform(0, 0.4)
     # Where each kill lands: a condition on the run (and the checkpoints there were when it started).
     points = [
         ("imports", lambda run, before: time.monotonic() - run.started > imports_s),
@@ -154,9 +154,7 @@ def test_sigkill_at_any_point_then_resume_or_restart_always_finishes_as_an_unbro
          and (extensions / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists()),
         ("training", lambda run, before: checkpoints() > before and after(training_s)),
         ("checkpoint writing", lambda run, before: checkpoints() > before),
-        ("training", lambda run, before: checkpoints() > before and after(later_training_s)),
         ("right after a validation", lambda run, before: validations(run) >= 2),
-        ("checkpoint writing", lambda run, before: checkpoints() > before + 1),
         ("the final evaluation", lambda run, before: f"step {TRAIN['steps']}/" in run.stderr()),
     ]
     killed = []
@@ -302,11 +300,12 @@ def test_a_worker_stuck_at_start_up_stops_the_run_naming_it_and_the_token_stays_
         held.write("pid 4242 on the-test\n")
         held.flush()
         run = Run(["train", str(config), "--set", f"output_dir={tmp_path / 'runs'}",
-                   "--set", "runner.startup_timeout_s=15"], base, env, tmp_path / "stuck.log")
+                   # Long enough for Ray to place the workers on a loaded machine: only the lock may stop them.
+                   "--set", "runner.startup_timeout_s=30"], base, env, tmp_path / "stuck.log")
         code, _ = run.finish(timeout_s=180)
     error = run.stderr().strip().splitlines()[-1]
     assert code == 2, run.stderr()
-    assert re.fullmatch(rf"error: worker [01] on node \S+ \(\S+\) is not training after 1\d s: waiting for a lock "
+    assert re.fullmatch(rf"error: worker [01] on node \S+ \(\S+\) is not training after [3-5]\d s: waiting for a lock "
                         rf"{re.escape(str(extensions / BUILD_LOCK))}, held by pid 4242 on the-test \(building "
                         r"DeepSpeed's deepspeed_shm_comm op\); if no build runs there, stop the process named above; "
                         r"else raise runner.startup_timeout_s", error), error
