@@ -23,7 +23,7 @@ from metarec_dist.distributed.checkpoint import is_complete, latest_complete
 pytestmark = pytest.mark.slow
 
 CLI = [sys.executable, "-m", "metarec_dist"]
-# Long enough that ten killed starts of one run do not finish it.
+# Long enough that eight killed starts of one run do not finish it.
 TRAIN = {"steps": 120, "batch_size": 16, "eval_every": 20, "learning_rate": 0.003, "patience": 100}
 RUNNER = {"workers": 2, "checkpoint_every": 10, "max_failures": 0, "collective_timeout_s": 60}
 
