@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override a config key for every run")
     compare.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                          help="override a config key for one method's runs")
+    compare.add_argument("--tuned", action="append", default=[], type=Path, metavar="TUNE_DIR",
+                         help="run a method with the best settings of its `metarec-dist tune` directory")
     compare.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                          help="an extra named row with its own overrides (e.g. target_only on 100%% of the data)")
 
@@ -369,6 +371,12 @@ def comparison_runs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         if not separator or method not in args.methods:
             raise ConfigError(f"--method-set {item}: expected METHOD:KEY=VALUE with METHOD one of {args.methods}")
         per_method.setdefault(method, []).append(override)
+    for method, settings in tuned_settings(args).items():
+        repeated = {o.partition("=")[0] for o in per_method.get(method, [])} & {s.partition("=")[0] for s in settings}
+        if repeated:
+            raise ConfigError(f"--method-set {method}:{sorted(repeated)[0]}: that setting comes from --tuned; "
+                              "drop one of the two")
+        per_method.setdefault(method, []).extend(settings)
     rows = [(method, [f"method={method}", *per_method.get(method, [])]) for method in args.methods]
     for item in args.variant:
         name, separator, overrides = item.partition(":")
@@ -378,6 +386,39 @@ def comparison_runs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     if not rows:
         raise ConfigError("compare: give at least one of --methods or --variant")
     return rows
+
+
+def tuned_settings(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Per method, its ``--tuned`` directory's best settings as KEY=VALUE overrides."""
+    from metarec_dist.config import load_config
+    from metarec_dist.meta.config import ExperimentConfig
+
+    settings: dict[str, list[str]] = {}
+    for directory in args.tuned:
+        tuned = read_tuning(directory)
+        method = tuned["method"]
+        base = load_config(ExperimentConfig, args.config, args.overrides).data
+        on = {key: tuned["best_config"]["data"][key] for key in ("target", "sources", "limited_target_fraction")}
+        if on != {"target": base.target, "sources": base.sources,
+                  "limited_target_fraction": base.limited_target_fraction}:
+            raise ConfigError(f"--tuned {directory}: tuned on {on}, not on this comparison's data; "
+                              "tune each method on the data it is compared on")
+        if method not in args.methods or method in settings:
+            raise ConfigError(f"--tuned {directory}: tuned {method}, which is not in --methods or is tuned twice")
+        settings[method] = [f"{key}={json.dumps(value)}" for key, value in tuned["best"]["settings"].items()]
+    return settings
+
+
+def read_tuning(directory: Path) -> dict:
+    """A finished ``metarec-dist tune`` directory: its tune.json, and its best.yaml as ``best_config``."""
+    import yaml
+
+    try:
+        return {**json.loads((directory / "tune.json").read_text()),
+                "best_config": yaml.safe_load((directory / "best.yaml").read_text())}
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--tuned {directory}: no readable tune.json there ({error}); "
+                          "give a directory that metarec-dist tune finished") from None
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -396,6 +437,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
             check_domains_present(config)
             check_training_memory(config)
             planned.append((label, seed, config))
+    budgets = {read_tuning(d)["method"]: len(read_tuning(d)["trials"]) for d in args.tuned}
+    if budgets and (len(set(budgets.values())) > 1 or set(budgets) != set(args.methods)):
+        untuned = ", ".join(f"{m} 0" for m in args.methods if m not in budgets)
+        print("warning: the methods were not tuned with equal budgets (trials: "
+              f"{', '.join(f'{m} {n}' for m, n in budgets.items())}{', ' + untuned if untuned else ''})",
+              file=sys.stderr)
     first = planned[0][2]
     directory = create_run_dir(first.output_dir, f"compare-{first.data.target}")
     print(f"comparison directory: {directory} ({len(planned)} runs)", file=sys.stderr)
@@ -479,9 +526,15 @@ def _comparison_json(args: argparse.Namespace, records: list[dict], rows: list[d
         return kept
 
     runs = [{**record, "results": slim(record["results"])} for record in records]
+    tuned = {}
+    for directory in args.tuned:
+        tuning = read_tuning(directory)
+        tuned[tuning["method"]] = {"directory": str(directory), "trials": len(tuning["trials"]),
+                                   "overrides": tuning["overrides"], "settings": tuning["best"]["settings"],
+                                   "best_valid": tuning["best"]["best_valid"]}
     return {"config": str(args.config), "overrides": args.overrides, "method_overrides": args.method_set,
-            "variants": args.variant, "seeds": args.seeds, "machine": machine_description(), "table": rows,
-            "runs": runs}
+            "tuned": tuned, "variants": args.variant, "seeds": args.seeds, "machine": machine_description(),
+            "table": rows, "runs": runs}
 
 
 def _record_interruption(run_dir: Path, config, step: int | None, args: argparse.Namespace) -> None:

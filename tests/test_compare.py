@@ -2,6 +2,7 @@
 
 import json
 
+import yaml
 from conftest import write_config
 
 from metarec_dist.cli import main
@@ -40,6 +41,44 @@ def test_compare_refuses_a_bad_method_override_before_anything_is_written(synthe
     assert "--method-set metarec:train.steps=5" in capsys.readouterr().err
     assert main(["compare", str(config), "--methods", "target_only", "--set", "train.steps=0"]) == 2
     assert "train.steps" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def tune_directory(path, config, method, settings, trials):
+    """What `metarec-dist tune` leaves: tune.json (every trial, the best) and best.yaml."""
+    path.mkdir()
+    best = yaml.safe_load(config.read_text())
+    for key, value in settings.items():
+        section, name = key.split(".")
+        best[section][name] = value
+    (path / "best.yaml").write_text(yaml.safe_dump({**best, "method": method}))
+    rows = [{"settings": settings, "best_valid": 0.1}] * trials
+    (path / "tune.json").write_text(json.dumps({"method": method, "overrides": [], "trials": rows, "best": rows[0]}))
+    return path
+
+
+def test_compare_runs_a_tuned_method_with_its_best_settings_and_warns_of_unequal_budgets(
+        synthetic_store, tmp_path, capsys):
+    config = write_config(tmp_path, synthetic_store)
+    tuned = tune_directory(tmp_path / "tuned", config, "metarec",
+                           {"train.learning_rate": 0.004, "meta.temperature": 0.5}, trials=3)
+    assert main(["compare", str(config), "--methods", "target_only", "metarec", "--seeds", "0",
+                 "--tuned", str(tuned)]) == 0
+    assert "not tuned with equal budgets (trials: metarec 3, target_only 0)" in capsys.readouterr().err
+    [directory] = (tmp_path / "runs").iterdir()
+    comparison = json.loads((directory / "comparison.json").read_text())
+    assert comparison["tuned"]["metarec"]["trials"] == 3
+    trained = yaml.safe_load((directory / "metarec-seed0" / "config.yaml").read_text())
+    assert trained["train"]["learning_rate"] == 0.004 and trained["meta"]["temperature"] == 0.5
+    untuned = yaml.safe_load((directory / "target_only-seed0" / "config.yaml").read_text())
+    assert untuned["train"]["learning_rate"] == 0.003  # the config's
+
+
+def test_compare_refuses_settings_tuned_on_other_data_before_anything_is_written(synthetic_store, tmp_path, capsys):
+    config = write_config(tmp_path, synthetic_store)
+    tuned = tune_directory(tmp_path / "tuned", config, "metarec", {"data.target": "syn-related-0"}, trials=1)
+    assert main(["compare", str(config), "--methods", "metarec", "--tuned", str(tuned)]) == 2
+    assert f"--tuned {tuned}: tuned on" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 

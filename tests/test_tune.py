@@ -85,8 +85,16 @@ def test_tune_runs_trials_on_ray_tune_and_writes_the_best_config_which_train_acc
     assert json.loads((run / "results.json").read_text())["test"]["users"] > 0
 
 
-def test_tune_refuses_runs_on_several_workers_per_trial(synthetic_store, tmp_path, capsys):
-    config = write_config(tmp_path, synthetic_store, tune={"space": SPACE}, runner={"workers": 2})
-    assert main(["tune", str(config), "--method", "metarec"]) == 2
-    assert "runner.workers" in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists()
+@pytest.mark.slow
+def test_tune_trials_can_each_train_on_ray_train_workers_and_a_stopped_trial_frees_them(
+        synthetic_store, tmp_path, fresh_ray):
+    # Two workers take both CPUs: the second trial can start only once Ray Tune's stop of the first
+    # (at its last rung) has freed its Ray Train workers.
+    config = write_config(tmp_path, synthetic_store, train={"steps": 4, "batch_size": 16, "eval_every": 2},
+                          tune={"space": SPACE, "grace_validations": 2}, runner={"workers": 2, "cpus_per_worker": 1})
+    assert main(["tune", str(config), "--method", "metarec", "--trials", "2"]) == 0
+    (directory,) = (tmp_path / "runs").iterdir()
+    trials = json.loads((directory / "tune.json").read_text())["trials"]
+    assert len(trials) == 2 and all(trial["error"] is None and trial["validations"] == 2 for trial in trials)
+    assert all(trial["workers"] == 2 for trial in trials)  # as each trial's Ray Train leader reported
+    assert len(list((directory / "workers").iterdir())) == 2  # each trial's Ray Train run has its own storage

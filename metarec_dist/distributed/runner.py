@@ -29,7 +29,7 @@ import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,8 @@ def train_distributed(
     storage_dir: Path,
     resume_from: Location | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    test: bool = True,
+    callbacks: Sequence[Any] = (),
 ) -> DistributedOutcome:
     """Run ``config`` on ``config.runner.workers`` Ray Train workers.
 
@@ -91,7 +93,10 @@ def train_distributed(
     ``resume_from``: a complete checkpoint directory to continue from (local or remote);
     ``on_progress(record)``: called on the driver after every meta-step with
     the step, seconds, last loss, validation metric (at validations) and the
-    top sources by weight, sent by the leader through a Ray queue.
+    top sources by weight, sent by the leader through a Ray queue;
+    ``test`` False: the workers never read the test split (a tuning trial);
+    ``callbacks``: more Ray Train ``UserCallback``s, run in its controller
+    (a tuning trial's forwards each validation to Ray Tune).
     """
     # Workers run in directories of their own: every path they read must be absolute.
     config = config.model_copy(
@@ -129,6 +134,7 @@ def train_distributed(
             "config": config.model_dump(mode="json"),
             "plan": plan.to_json(),
             "resume_from": resume_from.uri if resume_from else None,
+            "test": test,
             "progress": progress,
             "control": control,
         },
@@ -142,7 +148,7 @@ def train_distributed(
             failure_config=FailureConfig(max_failures=runner.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=controller_callbacks(control),
+            callbacks=[*controller_callbacks(control), *callbacks],
         ),
     )
     try:
@@ -286,8 +292,12 @@ def _new_attempt_name(storage: Location) -> str:
     return next(f"attempt-{n}" for n in range(1, len(existing) + 2) if f"attempt-{n}" not in existing)
 
 
-def connect(config: ExperimentConfig) -> None:
-    """Join ``runner.address`` (or RAY_ADDRESS), else start a quiet local cluster."""
+def connect(config: ExperimentConfig, dashboard: bool = False) -> None:
+    """Join ``runner.address`` (or RAY_ADDRESS), else start a quiet local cluster.
+
+    ``dashboard``: give a local cluster its dashboard, whose state API Ray Train
+    needs to free the CPUs of a run whose driver was killed (a stopped tuning trial).
+    """
     # The controller reads worker reports once per health check; a short period keeps
     # per-validation reports from stalling the workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -306,7 +316,7 @@ def connect(config: ExperimentConfig) -> None:
             runtime_env=_driver_runtime_env({"PYTHONWARNINGS": "ignore::FutureWarning", **freed_memory_environment()}),
             # A local cluster needs no dashboard (its processes take CPU from the workers);
             # jobs are submitted to a cluster started with `ray start`, which has one.
-            include_dashboard=False if address is None else None,
+            include_dashboard=False if address is None and not dashboard else None,
         )
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = address or "a new local cluster"
@@ -475,7 +485,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     every = config.runner.checkpoint_every
 
     def report_validation(entry: dict[str, Any]) -> None:
-        ray.train.report({"step": entry["step"], "train_loss": entry["train_loss"], **entry["valid"]})
+        ray.train.report({"step": entry["step"], "train_loss": entry["train_loss"], **entry["valid"],
+                          "early_stopped": trainer.loop.stopped, "workers": collective.world_size})
 
     def after_step(step: int) -> None:
         if progress is not None and rank == 0:
@@ -504,7 +515,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     phase(TRAINING)
     try:
-        outcome = trainer.run(on_validation=report_validation, after_step=after_step)
+        outcome = trainer.run(on_validation=report_validation, after_step=after_step, test=loop_config["test"])
     except _StopRequested:
         return  # the driver reads the interruption from the checkpoint just reported
     except TrainingError as error:
