@@ -475,10 +475,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     from metarec_dist.config import load_config
-    from metarec_dist.distributed.tuning import check_tuning, tune_method
+    from metarec_dist.distributed.tuning import tune_method
     from metarec_dist.machine import machine_description
     from metarec_dist.meta.config import ExperimentConfig
-    from metarec_dist.meta.search_space import with_settings
+    from metarec_dist.meta.search_space import checked_space, with_settings
     from metarec_dist.meta.training_data import check_domains_present
     from metarec_dist.report.run_directory import create_run_dir, write_json, write_yaml
     from metarec_dist.report.tables import format_table
@@ -486,7 +486,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     config = with_settings(load_config(ExperimentConfig, args.config, args.overrides), {"method": args.method},
                            where=f"--method {args.method}")
     check_domains_present(config)
-    check_tuning(config, args.method)
+    checked_space(config, args.method)  # a bad space fails before anything is written
     trials = args.trials or config.tune.trials
     directory = create_run_dir(config.output_dir, f"tune-{args.method}-{config.data.target}")
     print(f"tuning directory: {directory} ({trials} trials)", file=sys.stderr)

@@ -23,6 +23,7 @@ def test_each_method_searches_the_settings_it_reads_and_a_trial_gets_its_values(
     config = config_with(tmp_path, synthetic_store, SPACE)
     assert set(checked_space(config, "metarec")) == {"train.learning_rate", "meta.temperature"}
     assert list(checked_space(config, "target_only")) == ["train.learning_rate"]
+    assert list(checked_space(config, "uniform")) == ["train.learning_rate"]  # its weights have no temperature
     trial = with_settings(config, {"train.learning_rate": 0.004, "meta.temperature": 1.0})
     assert trial.train.learning_rate == 0.004 and trial.meta.temperature == 1.0
     assert trial.train.steps == config.train.steps  # everything else as configured

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from metarec_dist.errors import TrainingError
-from metarec_dist.meta.config import ExperimentConfig, SearchDimension
+from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.search_space import checked_space, with_settings
 from metarec_dist.storage import location
 
@@ -41,17 +41,12 @@ class TuningOutcome:
     best_config: ExperimentConfig
 
 
-def check_tuning(config: ExperimentConfig, method: str) -> dict[str, SearchDimension]:
-    """The dimensions ``method`` searches; raises if the config cannot be tuned (before anything is written)."""
-    return checked_space(config, method)
-
-
 def tune_method(config: ExperimentConfig, method: str, trials: int, directory: Path) -> TuningOutcome:
     """Run ``trials`` trials of ``method`` over ``config.tune.space``; Ray Tune's files go to ``directory``."""
     threads = config.train.threads or 1
     config = with_settings(config, {"method": method, "train.threads": threads,
                                     "data.store": location(config.data.store, "data.store").uri}, where="tune")
-    space = check_tuning(config, method)
+    space = checked_space(config, method)
     metric = config.train.selection_metric
     validations = math.ceil(config.train.steps / config.train.eval_every)
 

@@ -40,7 +40,8 @@ def method_space(config: ExperimentConfig, method: str) -> dict[str, SearchDimen
     meta_steps = method in ("metarec", "uniform")
     return {key: dimension for key, dimension in config.tune.space.items()
             if (meta_steps or not key.startswith("meta."))
-            and not (method == "target_only" and (key.startswith("model.vq.") or key == "train.pretrain_steps"))}
+            and not (method == "target_only" and (key.startswith("model.vq.") or key == "train.pretrain_steps"))
+            and not (method == "uniform" and key == "meta.temperature")}  # uniform weights have no softmax
 
 
 def checked_space(config: ExperimentConfig, method: str) -> dict[str, SearchDimension]:
