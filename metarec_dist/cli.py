@@ -363,15 +363,17 @@ def _reference_results(run_dir: Path, config) -> dict:
     return {**reference, "run": str(run_dir)}
 
 
-def comparison_runs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """(row label, overrides) for every method and variant of ``metarec-dist compare``."""
+def comparison_runs(args: argparse.Namespace, tunings: dict[str, dict]) -> list[tuple[str, list[str]]]:
+    """(row label, overrides) for every method and variant of ``metarec-dist compare``; a tuned
+    method's runs take its best settings (``read_tunings``)."""
     per_method: dict[str, list[str]] = {}
     for item in args.method_set:
         method, separator, override = item.partition(":")
         if not separator or method not in args.methods:
             raise ConfigError(f"--method-set {item}: expected METHOD:KEY=VALUE with METHOD one of {args.methods}")
         per_method.setdefault(method, []).append(override)
-    for method, settings in tuned_settings(args).items():
+    for method, tuning in tunings.items():
+        settings = [f"{key}={json.dumps(value)}" for key, value in tuning["settings"].items()]
         repeated = {o.partition("=")[0] for o in per_method.get(method, [])} & {s.partition("=")[0] for s in settings}
         if repeated:
             raise ConfigError(f"--method-set {method}:{sorted(repeated)[0]}: that setting comes from --tuned; "
@@ -388,37 +390,36 @@ def comparison_runs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return rows
 
 
-def tuned_settings(args: argparse.Namespace) -> dict[str, list[str]]:
-    """Per method, its ``--tuned`` directory's best settings as KEY=VALUE overrides."""
+def read_tunings(args: argparse.Namespace) -> dict[str, dict]:
+    """Per tuned method, what its ``--tuned`` directory says: trials, best settings and validation."""
+    import yaml
+
     from metarec_dist.config import load_config
     from metarec_dist.meta.config import ExperimentConfig
 
-    settings: dict[str, list[str]] = {}
+    if not args.tuned:
+        return {}
+    data = load_config(ExperimentConfig, args.config, args.overrides).data
+    compared = {"target": data.target, "sources": data.sources, "limited_target_fraction": data.limited_target_fraction}
+    tunings: dict[str, dict] = {}
     for directory in args.tuned:
-        tuned = read_tuning(directory)
-        method = tuned["method"]
-        base = load_config(ExperimentConfig, args.config, args.overrides).data
-        on = {key: tuned["best_config"]["data"][key] for key in ("target", "sources", "limited_target_fraction")}
-        if on != {"target": base.target, "sources": base.sources,
-                  "limited_target_fraction": base.limited_target_fraction}:
-            raise ConfigError(f"--tuned {directory}: tuned on {on}, not on this comparison's data; "
+        try:
+            tuning = json.loads((directory / "tune.json").read_text())
+            best_data = yaml.safe_load((directory / "best.yaml").read_text())["data"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"--tuned {directory}: no readable tune.json and best.yaml there ({error}); "
+                              "give a directory that metarec-dist tune finished") from None
+        method = tuning["method"]
+        tuned_on = {key: best_data[key] for key in compared}
+        if tuned_on != compared:
+            raise ConfigError(f"--tuned {directory}: tuned on {tuned_on}, not on this comparison's data; "
                               "tune each method on the data it is compared on")
-        if method not in args.methods or method in settings:
+        if method not in args.methods or method in tunings:
             raise ConfigError(f"--tuned {directory}: tuned {method}, which is not in --methods or is tuned twice")
-        settings[method] = [f"{key}={json.dumps(value)}" for key, value in tuned["best"]["settings"].items()]
-    return settings
-
-
-def read_tuning(directory: Path) -> dict:
-    """A finished ``metarec-dist tune`` directory: its tune.json, and its best.yaml as ``best_config``."""
-    import yaml
-
-    try:
-        return {**json.loads((directory / "tune.json").read_text()),
-                "best_config": yaml.safe_load((directory / "best.yaml").read_text())}
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--tuned {directory}: no readable tune.json there ({error}); "
-                          "give a directory that metarec-dist tune finished") from None
+        tunings[method] = {"directory": str(directory), "trials": len(tuning["trials"]),
+                           "overrides": tuning["overrides"], "settings": tuning["best"]["settings"],
+                           "best_valid": tuning["best"]["best_valid"]}
+    return tunings
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -430,14 +431,15 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from metarec_dist.report.run_directory import create_run_dir, write_json, write_yaml
     from metarec_dist.report.tables import format_table
 
+    tunings = read_tunings(args)
     planned = []  # every run's config, checked before anything is written
-    for label, overrides in comparison_runs(args):
+    for label, overrides in comparison_runs(args, tunings):
         for seed in args.seeds:
             config = load_config(ExperimentConfig, args.config, [*args.overrides, *overrides, f"train.seed={seed}"])
             check_domains_present(config)
             check_training_memory(config)
             planned.append((label, seed, config))
-    budgets = {read_tuning(d)["method"]: len(read_tuning(d)["trials"]) for d in args.tuned}
+    budgets = {method: tuning["trials"] for method, tuning in tunings.items()}
     if budgets and (len(set(budgets.values())) > 1 or set(budgets) != set(args.methods)):
         untuned = ", ".join(f"{m} 0" for m in args.methods if m not in budgets)
         print("warning: the methods were not tuned with equal budgets (trials: "
@@ -462,7 +464,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(f"{label} seed {seed}: test NDCG@10 {results['test']['NDCG@10']:.4f} HR@10 "
               f"{results['test']['HR@10']:.4f} (best step {results['best_step']}, {results['wall_seconds']:.0f} s)",
               file=sys.stderr)
-        write_json(directory / "comparison.json", _comparison_json(args, records, summary_rows(records)))
+        write_json(directory / "comparison.json", _comparison_json(args, tunings, records, summary_rows(records)))
     rows = summary_rows(records)  # comparison.json already holds them: it is written after every run
     plot = comparison_plot(rows, directory / "comparison.png")
     cells = table_rows(rows)
@@ -516,7 +518,7 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _comparison_json(args: argparse.Namespace, records: list[dict], rows: list[dict]) -> dict:
+def _comparison_json(args: argparse.Namespace, tunings: dict[str, dict], records: list[dict], rows: list[dict]) -> dict:
     from metarec_dist.machine import machine_description
 
     def slim(results: dict) -> dict:  # per-step histories stay in each run's results.json
@@ -526,14 +528,8 @@ def _comparison_json(args: argparse.Namespace, records: list[dict], rows: list[d
         return kept
 
     runs = [{**record, "results": slim(record["results"])} for record in records]
-    tuned = {}
-    for directory in args.tuned:
-        tuning = read_tuning(directory)
-        tuned[tuning["method"]] = {"directory": str(directory), "trials": len(tuning["trials"]),
-                                   "overrides": tuning["overrides"], "settings": tuning["best"]["settings"],
-                                   "best_valid": tuning["best"]["best_valid"]}
     return {"config": str(args.config), "overrides": args.overrides, "method_overrides": args.method_set,
-            "tuned": tuned, "variants": args.variant, "seeds": args.seeds, "machine": machine_description(),
+            "tuned": tunings, "variants": args.variant, "seeds": args.seeds, "machine": machine_description(),
             "table": rows, "runs": runs}
 
 
