@@ -439,12 +439,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
             check_domains_present(config)
             check_training_memory(config)
             planned.append((label, seed, config))
-    budgets = {method: tuning["trials"] for method, tuning in tunings.items()}
-    if budgets and (len(set(budgets.values())) > 1 or set(budgets) != set(args.methods)):
-        untuned = ", ".join(f"{m} 0" for m in args.methods if m not in budgets)
+    trials = {**{method: tuning["trials"] for method, tuning in tunings.items()},
+              **{method: 0 for method in args.methods if method not in tunings}}
+    if tunings and len(set(trials.values())) > 1:
         print("warning: the methods were not tuned with equal budgets (trials: "
-              f"{', '.join(f'{m} {n}' for m, n in budgets.items())}{', ' + untuned if untuned else ''})",
-              file=sys.stderr)
+              f"{', '.join(f'{method} {count}' for method, count in trials.items())})", file=sys.stderr)
     first = planned[0][2]
     directory = create_run_dir(first.output_dir, f"compare-{first.data.target}")
     print(f"comparison directory: {directory} ({len(planned)} runs)", file=sys.stderr)

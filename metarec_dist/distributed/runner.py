@@ -486,7 +486,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     def report_validation(entry: dict[str, Any]) -> None:
         ray.train.report({"step": entry["step"], "train_loss": entry["train_loss"], **entry["valid"],
-                          "early_stopped": trainer.loop.stopped, "workers": collective.world_size})
+                          "early_stopped": trainer.loop.stopped})
 
     def after_step(step: int) -> None:
         if progress is not None and rank == 0:

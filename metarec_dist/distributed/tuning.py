@@ -158,10 +158,10 @@ def _validations_to_tune(metric: str, eval_every: int):
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ValidationsToTune(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint) -> None:
+        def after_report(self, run_context, metrics, checkpoint) -> None:  # metrics: one dict per worker
             leader = metrics[0]
             if metric in leader:
                 self._training_actor_item_queue.put(_validation_report(
-                    leader["step"], eval_every, metric, leader[metric], leader["early_stopped"], leader["workers"]))
+                    leader["step"], eval_every, metric, leader[metric], leader["early_stopped"], len(metrics)))
 
     return ValidationsToTune()
