@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tuned", action="append", default=[], type=Path, metavar="TUNE_DIR",
                          help="run a method with the best settings of its `metarec-dist tune` directory")
     compare.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                         help="an extra named row with its own overrides (e.g. target_only on 100%% of the data)")
+                         help="an extra named row with its own overrides (e.g. target_only on 100%% of the data); "
+                         "commas inside [ ] or { } belong to a value")
 
     tune = commands.add_parser("tune", help="search one method's settings (tune.space) with Ray Tune, on validation")
     tune.add_argument("config", type=Path, help="run config YAML with a tune.space section")
@@ -363,6 +364,19 @@ def _reference_results(run_dir: Path, config) -> dict:
     return {**reference, "run": str(run_dir)}
 
 
+def top_level_parts(overrides: str) -> list[str]:
+    """``a=1,b=[x, y]`` -> ``["a=1", "b=[x, y]"]``: commas inside brackets or braces belong to a value."""
+    parts, depth, current = [], 0, ""
+    for character in overrides:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(character, 0)
+        if character == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += character
+    return [*parts, current]
+
+
 def comparison_runs(args: argparse.Namespace, tunings: dict[str, dict]) -> list[tuple[str, list[str]]]:
     """(row label, overrides) for every method and variant of ``metarec-dist compare``; a tuned
     method's runs take its best settings (``read_tunings``)."""
@@ -384,7 +398,7 @@ def comparison_runs(args: argparse.Namespace, tunings: dict[str, dict]) -> list[
         name, separator, overrides = item.partition(":")
         if not separator or not name or name in dict(rows):
             raise ConfigError(f"--variant {item}: expected a new NAME:KEY=VALUE[,KEY=VALUE]")
-        rows.append((name, overrides.split(",")))
+        rows.append((name, top_level_parts(overrides)))
     if not rows:
         raise ConfigError("compare: give at least one of --methods or --variant")
     return rows

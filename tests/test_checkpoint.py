@@ -42,7 +42,8 @@ def test_resuming_from_a_checkpoint_continues_exactly_where_the_run_stopped(
 ):
     path = write_config(tmp_path, synthetic_store, train={"steps": 8, "batch_size": 16, "eval_every": 2,
                                                           "learning_rate": 0.003, "patience": 10},
-                        meta={"tasks_per_step": 2, "inner_lr": 0.1, "learned_inner_lr": True})
+                        meta={"tasks_per_step": 2, "inner_lr": 0.1, "learned_inner_lr": True,
+                              "direction": "running_mean"})  # its running average is checkpointed
     config = load_config(ExperimentConfig, path, [f"runner.zero_stage={'null' if zero_stage is None else zero_stage}"])
     checkpoint = tmp_path / "checkpoint-5"
 

@@ -5,7 +5,7 @@ import json
 import yaml
 from conftest import write_config
 
-from metarec_dist.cli import main
+from metarec_dist.cli import main, top_level_parts
 
 
 def test_compare_trains_every_method_and_seed_and_summarises_the_test_metrics(synthetic_store, tmp_path, capsys):
@@ -117,3 +117,9 @@ def test_train_with_a_reference_records_whether_transfer_helped(synthetic_store,
     assert ours["reference"]["negative_transfer"] == worse and ("negative transfer" in out) == worse
     assert main(["train", str(config), "--reference", str(run)]) == 2  # a metarec run is no reference
     assert "not target_only" in capsys.readouterr().err
+
+
+def test_a_variant_may_set_a_list_whose_commas_are_not_separators():
+    assert top_level_parts("method=uniform,data.sources=[a, b,c],model.vq={kind: product, codewords: 8}") == [
+        "method=uniform", "data.sources=[a, b,c]", "model.vq={kind: product, codewords: 8}"]
+    assert top_level_parts("train.steps=5") == ["train.steps=5"]

@@ -12,7 +12,7 @@ from conftest import assert_tensorboard_matches_results, random_batch, write_con
 
 from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.row_sparse_adam import RowSparseAdam
-from metarec_dist.meta.step import WHOLE_TARGET_TABLE, MetaConfig, TaskBatch, meta_step
+from metarec_dist.meta.step import WHOLE_TARGET_TABLE, MetaConfig, RunningDirection, TaskBatch, meta_step
 from metarec_dist.model.encoder import EncoderConfig
 from metarec_dist.model.recommender import ModelConfig, SequenceRecommender
 
@@ -89,13 +89,14 @@ def worker_with_own_sources(tables="dense"):
 def run_meta_steps(model, tasks, collective, optimizer, meta, steps=3):
     """``steps`` meta-steps, each loading the target's rows its queries read first (as the trainer does)."""
     target_rows = getattr(optimizer, "target_rows", WHOLE_TARGET_TABLE)
+    direction = RunningDirection(meta.direction_decay)
     logs = []
     for _ in range(steps):
         reads = [model.rows_read("t", torch.as_tensor(t.query.inputs), torch.as_tensor(t.query.targets),
                                  t.query_negatives) for t in tasks]
         if all(rows is not None for rows in reads):
             target_rows.load(torch.unique(torch.cat(reads)))
-        logs.append(meta_step(model, optimizer, "t", tasks, meta, collective=collective))
+        logs.append(meta_step(model, optimizer, "t", tasks, meta, collective=collective, direction=direction))
     return logs
 
 
@@ -131,7 +132,7 @@ def meta_step_worker(loop_config):
     collective, own, model = worker_with_own_sources(tables)
     split = {"shard_target_rows_from": 1 if tables == "split" else None}
     optimizer = WorkerOptimizer(model, [], run_config(loop_config["zero_stage"], **split), "t", collective)
-    meta = META.model_copy(update={"center": loop_config["center"]})
+    meta = META.model_copy(update=loop_config["meta"])
     with counted_all_reduces() as all_reduces:
         logs = run_meta_steps(model, [task(s, tables) for s in own], collective, optimizer, meta)
     parameters = parameters_of(model, optimizer)
@@ -153,11 +154,14 @@ def _without_key_part(qkv_bias: torch.Tensor) -> torch.Tensor:
     return torch.cat([query, value])
 
 
-@pytest.mark.parametrize(("zero_stage", "center", "tables"),
-                         [(None, False, "dense"), (0, False, "dense"), (2, True, "dense"), (0, False, "row_sparse"),
-                          (0, False, "split")])
-def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tmp_path, zero_stage, center,
-                                                                 tables):
+# Centering and the running-mean direction: task means summed over workers.
+AVERAGED_OVER_TASKS = {"center": True, "direction": "running_mean"}
+
+
+@pytest.mark.parametrize(("zero_stage", "meta", "tables"),
+                         [(None, {}, "dense"), (0, {}, "dense"), (2, AVERAGED_OVER_TASKS, "dense"),
+                          (0, {}, "row_sparse"), (0, {}, "split")])
+def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tmp_path, zero_stage, meta, tables):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -168,15 +172,13 @@ def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tm
     model = tiny_model({**CATALOGS, "t": TARGET_ITEMS[tables]}, tables)
     assert bool(model.row_sparse_names()) == (tables != "dense")
     optimizer = RowSparseAdam(model.parameters(), lr=LEARNING_RATE)
-    meta = META.model_copy(update={"center": center})  # centering: adaptations summed over workers
-    logs = run_meta_steps(model, [task(s, tables) for s in order], LOCAL, optimizer, meta)
+    logs = run_meta_steps(model, [task(s, tables) for s in order], LOCAL, optimizer, META.model_copy(update=meta))
     expected = parameters_of(model, optimizer)
     expected_weights = [dict(zip(log.sources, log.weights)) for log in logs]
 
     TorchTrainer(
         meta_step_worker,
-        train_loop_config={"out": str(tmp_path), "zero_stage": zero_stage, "center": center,
-                           "tables": tables},
+        train_loop_config={"out": str(tmp_path), "zero_stage": zero_stage, "meta": meta, "tables": tables},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
         torch_config=TorchConfig(backend="gloo", timeout_s=120),
         run_config=RunConfig(storage_path=str(tmp_path / "ray")),

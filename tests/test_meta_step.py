@@ -7,6 +7,7 @@ from conftest import random_batch
 from metarec_dist.meta.step import (
     LOCAL,
     MetaConfig,
+    RunningDirection,
     TaskBatch,
     centered,
     combine,
@@ -168,6 +169,36 @@ def test_centering_removes_what_every_task_adapts_alike():
     assert torch.allclose(sum(a["w"] for a in centred), torch.zeros(3), atol=1e-6)
     similarities = [task_similarity(a, g, MetaConfig()) for a in centred]
     assert similarities[0] > 0.5 > similarities[1] > -0.5 > similarities[2]
+
+
+def test_the_running_direction_averages_the_steps_mean_task_gradient_over_steps():
+    direction = RunningDirection(decay=0.75)
+    assert torch.equal(direction.update({"w": torch.tensor([4.0, 0.0])})["w"], torch.tensor([4.0, 0.0]))
+    assert torch.equal(direction.update({"w": torch.tensor([0.0, 4.0])})["w"], torch.tensor([3.0, 1.0]))
+    restored = RunningDirection(decay=0.75)
+    restored.load_state_dict(direction.state_dict())
+    assert torch.equal(restored.value["w"], torch.tensor([3.0, 1.0]))
+
+
+def test_with_the_running_direction_every_task_is_compared_with_the_mean_target_gradient():
+    """Not with its own g_i: s_i = cos(phi_i - theta, -mean_j g_j) at the first step."""
+    model = tiny_model()
+    config = MetaConfig(tasks_per_step=2, inner_lr=0.2, temperature=0.5, direction="running_mean")
+    tasks = [TASK, TaskBatch("b", support=batch(9, 3), query=batch(12, 4))]
+    results = [run_task(model, "t", task, config) for task in tasks]
+    mean = {name: (results[0].meta_gradient[name] + results[1].meta_gradient[name]) / 2
+            for name in model.shared_names()}
+    expected = task_weights(torch.tensor([task_similarity(r.adaptation, mean, config) for r in results]), config)
+    own = task_weights(torch.tensor([task_similarity(r.adaptation, r.meta_gradient, config) for r in results]),
+                       config)
+    assert not torch.allclose(expected, own, atol=1e-4)  # the test tells the two apart
+
+    direction = RunningDirection(config.direction_decay)
+    log = meta_step(model, torch.optim.SGD(model.parameters(), lr=0.1), "t", tasks, config, direction=direction)
+    assert log.weights == pytest.approx([float(w) for w in expected], abs=1e-6)
+    assert all(torch.allclose(direction.value[name], mean[name]) for name in mean)
+    with pytest.raises(ValueError, match="RunningDirection"):
+        meta_step(model, torch.optim.SGD(model.parameters(), lr=0.1), "t", tasks, config)
 
 
 def test_per_tensor_cosine_averages_over_tensors():

@@ -62,6 +62,7 @@ def write_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimiz
         save("shared.pt", {**{n: state[n] for n in shared_names}, **inner_rates, **codebook_usage})
         save("shared_optimizer.pt", shared_moments)
         save("best.pt", trainer_state["best_state"])
+        save("direction.pt", trainer_state["direction"])
         (directory / "state.json").write_text(json.dumps({
             "format": FORMAT_VERSION,
             "world_size": world_size,
@@ -153,6 +154,7 @@ def read_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimize
         "loop": meta["loop"],
         "source_weights": meta["source_weights"],
         "best_state": load("best.pt"),
+        "direction": load("direction.pt") if (directory / "direction.pt").exists() else {},
         "inner_lrs": [shared[f"inner_lr.{index}"] for index in range(sum(k.startswith("inner_lr.") for k in shared))],
         "random": json.loads((directory / f"rng-{rank}.json").read_text()) if same_world else None,
     })

@@ -18,7 +18,7 @@ import torch
 from metarec_dist.errors import TrainingError
 from metarec_dist.meta.records import SourceWeights
 from metarec_dist.meta.sampling import BatchSampler
-from metarec_dist.meta.step import Collective, MetaConfig, TargetRows, TaskBatch, meta_step
+from metarec_dist.meta.step import Collective, MetaConfig, RunningDirection, TargetRows, TaskBatch, meta_step
 from metarec_dist.model.recommender import SequenceRecommender
 
 
@@ -40,6 +40,7 @@ class MethodSteps:
         self.model, self.optimizer, self.sampler, self.collective = model, optimizer, sampler, collective
         self.target_domain, self.meta_config, self.inner_lrs, self.weights = target, meta_config, inner_lrs, weights
         self.target_rows = target_rows
+        self.direction = RunningDirection(meta_config.direction_decay)  # read with meta.direction running_mean
 
     def for_method(self, method: str) -> Callable[[int], float]:
         """The main step of ``method`` (``joint`` pre-trains with ``joint`` and fine-tunes with ``target``)."""
@@ -67,7 +68,7 @@ class MethodSteps:
                  for source in self.sampler.sources(self.meta_config.tasks_per_step)]
         self._load_target_rows([(*self.model.tensors(task.query), task.query_negatives) for task in tasks])
         result = meta_step(self.model, self.optimizer, self.target_domain, tasks, self.meta_config, self.inner_lrs,
-                           self.collective)
+                           self.collective, self.direction)
         if not math.isfinite(result.query_loss):
             raise TrainingError(
                 f"step {step}: query loss on target '{self.target_domain}' is {result.query_loss} "

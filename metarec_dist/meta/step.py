@@ -58,6 +58,13 @@ class MetaConfig(StrictModel):
     center: bool = Field(
         False, description="compare each task's adaptation less the mean adaptation of the step's tasks"
     )
+    direction: Literal["task_query", "running_mean"] = Field(
+        "task_query", description="what each adaptation is compared with: task_query, the task's own "
+        "meta-gradient g_i; running_mean, a moving average over steps of the mean g_i of every task"
+    )
+    direction_decay: float = Field(
+        0.9, ge=0, lt=1, description="running_mean: the weight of the previous average at each step"
+    )
     weighting: Literal["similarity", "uniform"] = "similarity"
     source_gradient_weight: float = Field(
         0.0, ge=0, description="also apply each source's mean support gradient, weighted like its meta-gradient"
@@ -194,14 +201,48 @@ def task_similarity(adaptation: Params, meta_gradient: Params, config: MetaConfi
     return float(torch.stack([_cosine(adaptation[name], sign * meta_gradient[name]) for name in names]).mean())
 
 
-def centered(adaptations: list[Params], collective: Collective) -> list[Params]:
-    """Each adaptation less the mean over every process's tasks of the step (one all-reduce)."""
-    names = sorted(adaptations[0])
-    sums = [torch.stack([a[name] for a in adaptations]).sum(0) for name in names]
-    count = sums[0].new_tensor([float(len(adaptations))])  # on the tensors' device, for NCCL
+def task_mean(values: list[Params], collective: Collective) -> Params:
+    """The mean over every process's tasks of the step (one all-reduce)."""
+    names = sorted(values[0])
+    sums = [torch.stack([v[name] for v in values]).sum(0) for name in names]
+    count = sums[0].new_tensor([float(len(values))])  # on the tensors' device, for NCCL
     collective.all_reduce_sum_([*sums, count])
-    mean = {name: total / count for name, total in zip(names, sums)}
-    return [{name: a[name] - mean[name] for name in names} for a in adaptations]
+    return {name: total / count for name, total in zip(names, sums)}
+
+
+def centered(adaptations: list[Params], collective: Collective) -> list[Params]:
+    """Each adaptation less the mean over every process's tasks of the step."""
+    mean = task_mean(adaptations, collective)
+    return [{name: a[name] - mean[name] for name in mean} for a in adaptations]
+
+
+class RunningDirection:
+    """The target's descent direction for ``meta.direction: running_mean``: an exponential moving
+    average over steps of the mean meta-gradient of all the step's tasks.
+
+    One query batch's gradient is noisy, and g_i, taken at phi_i, also carries the task's
+    own step (g_i ~ g + H (phi_i - theta)), so each task is compared with a direction it
+    moved itself. Every process holds the same average: it is updated from the
+    all-reduced mean.
+    """
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.value: Params | None = None
+
+    def update(self, mean: Params) -> Params:
+        if self.value is None:
+            self.value = {name: tensor.clone() for name, tensor in mean.items()}
+        else:
+            for name, tensor in mean.items():
+                self.value[name].mul_(self.decay).add_(tensor, alpha=1 - self.decay)
+        return self.value
+
+    def state_dict(self) -> Params:
+        return {} if self.value is None else {name: t.clone() for name, t in self.value.items()}
+
+    def load_state_dict(self, state: Params) -> None:
+        self.value = {name: t.clone() for name, t in state.items()} or None
 
 
 def task_weights(similarities: torch.Tensor, config: MetaConfig) -> torch.Tensor:
@@ -339,6 +380,7 @@ def meta_step(
     config: MetaConfig,
     inner_lrs: list[torch.Tensor] | None = None,
     collective: Collective = LOCAL,
+    direction: RunningDirection | None = None,
 ) -> MetaStepLog:
     """Run this process's tasks, weight all tasks globally, apply one summed update.
 
@@ -357,9 +399,15 @@ def meta_step(
     compared = [r.adaptation for r in results]
     if config.center:
         compared = centered(compared, collective)
+    directions = [r.meta_gradient for r in results]
+    if config.direction == "running_mean":
+        if direction is None:
+            raise ValueError("meta.direction running_mean: pass the run's RunningDirection")
+        average = direction.update(task_mean(directions, collective))
+        directions = [average] * len(results)
     local = [
-        (r.source, task_similarity(a, r.meta_gradient, config), r.query_loss, r.support_loss)
-        for r, a in zip(results, compared)
+        (r.source, task_similarity(a, d, config), r.query_loss, r.support_loss)
+        for r, a, d in zip(results, compared, directions)
     ]
     gathered = collective.all_gather_object(local)  # [rank][task] -> (source, s_i, query, support)
     everyone = [row for rows in gathered for row in rows]

@@ -126,13 +126,15 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs of this trainer besides the model's parameters and the optimizer:
-        the loop position, per-source weights, the best state so far, learned inner rates and this
-        process's random streams (JSON-able values and tensors)."""
+        the loop position, per-source weights, the best state so far, learned inner rates, the
+        running target direction (``meta.direction``) and this process's random streams (JSON-able
+        values and tensors)."""
         return {
             "loop": asdict(self.loop),
             "source_weights": self.weights.to_json(),
             "best_state": dict(self.best_state or {}),
             "inner_lrs": list(self.inner_lrs),
+            "direction": self.steps.direction.state_dict(),
             "random": {"sampler": self.sampler.rng.bit_generator.state, **random_states(self.device)},
         }
 
@@ -145,6 +147,7 @@ class Trainer:
         self.best_state = dict(state["best_state"]) or None
         for rate, saved in zip(self.inner_lrs, state["inner_lrs"], strict=True):
             rate.copy_(saved)
+        self.steps.direction.load_state_dict({k: v.to(self.device) for k, v in state["direction"].items()})
         random = state["random"]
         if random is not None:
             self.sampler.rng.bit_generator.state = random["sampler"]
