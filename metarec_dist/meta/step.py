@@ -9,7 +9,8 @@ For shared parameters theta (encoder, codebook) and a batch of source tasks:
    phi_i; second order: at theta, through the inner loop);
 3. ``task_similarity``: s_i = cos(phi_i - theta, -g_i) ("descent" sign: a
    source whose adaptation also lowers the target loss scores high), over all
-   shared parameters flattened, or averaged per tensor;
+   shared parameters flattened, or averaged per tensor; with ``direction:
+   running_mean`` g_i is replaced by a moving average of every task's g;
 4. ``task_weights``: w = softmax(s / temperature) (or uniform, the ablation);
 5. ``combine``: the update direction sum_i w_i g_i, applied by the optimizer.
 
