@@ -218,8 +218,8 @@ def centered(adaptations: list[Params], collective: Collective) -> list[Params]:
 
 
 class RunningDirection:
-    """The target's descent direction for ``meta.direction: running_mean``: an exponential moving
-    average over steps of the mean meta-gradient of all the step's tasks.
+    """What every adaptation is compared with under ``meta.direction: running_mean``: an
+    exponential moving average over steps of the mean meta-gradient of all the step's tasks.
 
     One query batch's gradient is noisy, and g_i, taken at phi_i, also carries the task's
     own step (g_i ~ g + H (phi_i - theta)), so each task is compared with a direction it
