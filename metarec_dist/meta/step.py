@@ -240,7 +240,7 @@ class RunningDirection:
         return self.value
 
     def state_dict(self) -> Params:
-        return {} if self.value is None else {name: t.clone() for name, t in self.value.items()}
+        return dict(self.value or {})  # a checkpoint copies what it saves, as for the best state
 
     def load_state_dict(self, state: Params) -> None:
         self.value = {name: t.clone() for name, t in state.items()} or None
