@@ -282,6 +282,8 @@ def test_train_command_runs_on_two_workers_and_writes_results(ray_cluster, synth
     rows = synthetic_store.open("syn-target").num_items + 1
     blocks = [w["target_table_block"] for w in per_worker]
     assert blocks == ([[0, rows // 2], [rows // 2, rows]] if split else [None, None])
+    # The codebook plan: worker r owns codebooks r, r + 2, ... (the config's 2 codebooks: one each).
+    assert [w["codebooks_owned"] for w in per_worker] == [[0], [1]]
     # Where each worker's meta-step time went: parts of the whole, the DeepSpeed engine timed.
     for times in (w["main_step_ms"] for w in per_worker):
         assert 0 < times["in_collectives"] < times["total"] and 0 < times["in_encoder_engine"] < times["total"]

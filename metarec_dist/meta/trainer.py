@@ -338,6 +338,8 @@ class Trainer:
             "sources": len(self.data.sources),
             "parameters": counts,
             "target_table_block": self.target_rows.block(),  # rows owned where the table is split
+            # Codebooks whose Adam state and update live here (None: one process holds them all).
+            "codebooks_owned": getattr(self.optimizer, "owned_codebooks", None),
             "peak_rss_mb": peak_resident_mb(),
             "main_step_ms": self.step_time.per_step_ms(),
         }
