@@ -85,10 +85,11 @@ def main() -> None:
         measured = reads_per_step(config, args.warmup, args.steps)
         items = statistics.median(m["items"] for m in measured)
         rows_read = statistics.median(m["rows_read"] for m in measured)
-        replica = 2 * books * codewords * code_width * BYTES
+        codebook_bytes = books * codewords * code_width * BYTES
+        replica = 2 * codebook_bytes
         owner_search = items * (width * BYTES + books * CODE_BYTES) + 2 * rows_read * code_width * BYTES
         rows.append({
-            "codebook": setting, "codebook_kb": books * codewords * code_width * BYTES / 1024,
+            "codebook": setting, "codebook_kb": codebook_bytes / 1024,
             "items_per_step": items,
             "codewords_read": f"{statistics.median(m['fraction_read'] for m in measured):.0%}",
             "replica_kb": replica / 1024, "owner_search_kb": owner_search / 1024,
