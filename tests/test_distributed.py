@@ -13,6 +13,7 @@ from conftest import assert_tensorboard_matches_results, random_batch, write_con
 from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.row_sparse_adam import RowSparseAdam
 from metarec_dist.meta.step import WHOLE_TARGET_TABLE, MetaConfig, RunningDirection, TaskBatch, meta_step
+from metarec_dist.meta.step_codes import LIVE_CODES, LocalStepCodes, quantized_reads
 from metarec_dist.model.encoder import EncoderConfig
 from metarec_dist.model.recommender import ModelConfig, SequenceRecommender
 
@@ -52,12 +53,12 @@ TARGET_ITEMS = {"dense": 12, "row_sparse": 12, "split": 40}
 QUERY_NEGATIVES = {"dense": None, "row_sparse": torch.arange(1, 13), "split": torch.tensor([3, 17, 29, 38, 39])}
 
 
-def tiny_model(catalogs, tables="dense"):
+def tiny_model(catalogs, tables="dense", codes="live"):
     torch.manual_seed(0)
     config = ModelConfig(
         width=8, item_width=6, item_widths={"b": 5},
         encoder=EncoderConfig(layers=1, heads=2, max_length=5, dropout=0.0),
-        vq={"num_codebooks": 2, "codewords": 6}, **SAMPLED[tables],
+        vq={"num_codebooks": 2, "codewords": 6, "codes": codes}, **SAMPLED[tables],
     )
     return SequenceRecommender(config, catalogs)
 
@@ -77,18 +78,27 @@ def run_config(zero_stage, **runner):
                      runner={"zero_stage": zero_stage, **runner})
 
 
-def worker_with_own_sources(tables="dense"):
+def worker_with_own_sources(tables="dense", codes="live"):
     """In a Ray Train worker: its collective, its own sources and a model holding only those."""
     from metarec_dist.distributed.collective import TorchCollective
 
     collective = TorchCollective()
     own = [s for s in SOURCES if OWNER[s] == collective.rank]
-    return collective, own, tiny_model({"t": TARGET_ITEMS[tables], **{s: CATALOGS[s] for s in own}}, tables)
+    return collective, own, tiny_model({"t": TARGET_ITEMS[tables], **{s: CATALOGS[s] for s in own}}, tables, codes)
+
+
+def step_codebook_of(model, optimizer):
+    """Where a step's codes come from, as the trainer chooses: the optimizer's, else this process's."""
+    if getattr(optimizer, "step_codebook", None) is not None:
+        return optimizer.step_codebook
+    return LocalStepCodes(model) if model.config.vq.codes == "per_step" else LIVE_CODES
 
 
 def run_meta_steps(model, tasks, collective, optimizer, meta, steps=3):
-    """``steps`` meta-steps, each loading the target's rows its queries read first (as the trainer does)."""
+    """``steps`` meta-steps, each loading the target's rows its queries read and its codes (where
+    found per step) first, as the trainer does."""
     target_rows = getattr(optimizer, "target_rows", WHOLE_TARGET_TABLE)
+    codebook = step_codebook_of(model, optimizer)
     direction = RunningDirection(meta.direction_decay)
     logs = []
     for _ in range(steps):
@@ -96,13 +106,18 @@ def run_meta_steps(model, tasks, collective, optimizer, meta, steps=3):
                                  t.query_negatives) for t in tasks]
         if all(rows is not None for rows in reads):
             target_rows.load(torch.unique(torch.cat(reads)))
+        if codebook is not LIVE_CODES:
+            batches = [(domain, torch.as_tensor(batch.inputs)) for t in tasks
+                       for domain, batch in ((t.source, t.support), ("t", t.query))]
+            codebook.load(model, quantized_reads(model, batches))
         logs.append(meta_step(model, optimizer, "t", tasks, meta, collective=collective, direction=direction))
+        model.quantizer.step_codes = None
     return logs
 
 
 def parameters_of(model, optimizer):
-    """Every parameter's value (a table split over workers assembled: a collective)."""
-    with getattr(optimizer, "target_rows", WHOLE_TARGET_TABLE).whole():
+    """Every parameter's value (a table split over workers, a sharded codebook assembled: a collective)."""
+    with getattr(optimizer, "target_rows", WHOLE_TARGET_TABLE).whole(), step_codebook_of(model, optimizer).whole():
         return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
@@ -128,19 +143,21 @@ def meta_step_worker(loop_config):
     """A Ray Train worker: its own sources only, the torch.distributed collective, the worker optimizer."""
     from metarec_dist.distributed.optimizer import WorkerOptimizer
 
-    tables = loop_config["tables"]
-    collective, own, model = worker_with_own_sources(tables)
-    split = {"shard_target_rows_from": 1 if tables == "split" else None}
+    tables, sharded = loop_config["tables"], loop_config["codebook"] == "sharded"
+    collective, own, model = worker_with_own_sources(tables, "per_step" if sharded else "live")
+    split = {"shard_target_rows_from": 1 if tables == "split" else None, "shard_codebook_from": 2 if sharded else None}
     optimizer = WorkerOptimizer(model, [], run_config(loop_config["zero_stage"], **split), "t", collective)
     meta = META.model_copy(update=loop_config["meta"])
     with counted_all_reduces() as all_reduces:
         logs = run_meta_steps(model, [task(s, tables) for s in own], collective, optimizer, meta)
+    codewords_held = model.quantizer.codebooks.numel()  # between steps
     parameters = parameters_of(model, optimizer)
     torch.save(
         {
             "parameters": parameters,
             "weights": [dict(zip(log.sources, log.weights)) for log in logs],
             "codebook_state": optimizer.optimizer_state_numel()["codebook"],
+            "codewords_held": codewords_held,
             "target_table_block": optimizer.optimizer_state_numel()["target_table_block"],
             "deepspeed": optimizer.engine is not None,
             "all_reduces_per_step": len(all_reduces) / len(logs),
@@ -158,10 +175,13 @@ def _without_key_part(qkv_bias: torch.Tensor) -> torch.Tensor:
 AVERAGED_OVER_TASKS = {"center": True, "direction": "running_mean"}
 
 
-@pytest.mark.parametrize(("zero_stage", "meta", "tables"),
-                         [(None, {}, "dense"), (0, {}, "dense"), (2, AVERAGED_OVER_TASKS, "dense"),
-                          (0, {}, "row_sparse"), (0, {}, "split")])
-def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tmp_path, zero_stage, meta, tables):
+# "sharded": the codebook searched where it lives, against one process finding the same per-step codes.
+@pytest.mark.parametrize(("zero_stage", "meta", "tables", "codebook"),
+                         [(None, {}, "dense", "replica"), (0, {}, "dense", "replica"),
+                          (2, AVERAGED_OVER_TASKS, "dense", "replica"), (0, {}, "row_sparse", "replica"),
+                          (0, {}, "split", "replica"), (0, {}, "row_sparse", "sharded")])
+def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tmp_path, zero_stage, meta, tables,
+                                                                 codebook):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -169,7 +189,7 @@ def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tm
     from metarec_dist.meta.step import LOCAL
 
     order = [s for rank in (0, 1) for s in SOURCES if OWNER[s] == rank]
-    model = tiny_model({**CATALOGS, "t": TARGET_ITEMS[tables]}, tables)
+    model = tiny_model({**CATALOGS, "t": TARGET_ITEMS[tables]}, tables, "per_step" if codebook == "sharded" else "live")
     assert bool(model.row_sparse_names()) == (tables != "dense")
     optimizer = RowSparseAdam(model.parameters(), lr=LEARNING_RATE)
     logs = run_meta_steps(model, [task(s, tables) for s in order], LOCAL, optimizer, META.model_copy(update=meta))
@@ -178,7 +198,8 @@ def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tm
 
     TorchTrainer(
         meta_step_worker,
-        train_loop_config={"out": str(tmp_path), "zero_stage": zero_stage, "meta": meta, "tables": tables},
+        train_loop_config={"out": str(tmp_path), "zero_stage": zero_stage, "meta": meta, "tables": tables,
+                           "codebook": codebook},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
         torch_config=TorchConfig(backend="gloo", timeout_s=120),
         run_config=RunConfig(storage_path=str(tmp_path / "ray")),
@@ -202,13 +223,16 @@ def test_two_ray_workers_take_the_same_meta_steps_as_one_process(ray_cluster, tm
         held = {name.split(".")[1] for name in got["parameters"] if name.startswith("domains.")}
         assert held == {"t", *own}
         assert got["codebook_state"] == 2 * 6 * 4  # Adam's two moments of 1 codebook x 6 codewords x width 4
+        # Searched where it lives, the codebook's values are held by its owner alone between steps.
+        assert got["codewords_held"] == (0 if codebook == "sharded" else 2 * 6 * 4)
         # Split: the target's 41 rows (padding included) in blocks of 20 and 21, each with its two moments.
         assert got["target_table_block"] == (3 * 6 * (20 if rank == 0 else 21) if tables == "split" else 0)
         assert got["deepspeed"] == (zero_stage is not None)
         if zero_stage in (None, 0):
             # The summed gradients and the codebook's owners, nothing more: a stage-0 engine applies
-            # the encoder's sum without reducing it again.
-            assert got["all_reduces_per_step"] == 2
+            # the encoder's sum without reducing it again. A sharded codebook's gradients go to
+            # their owners in a gather.
+            assert got["all_reduces_per_step"] == (1 if codebook == "sharded" else 2)
     # The weights are not trivially uniform: the test can see a wrong global softmax.
     assert max(expected_weights[0].values()) - min(expected_weights[0].values()) > 1e-3
 
@@ -254,13 +278,15 @@ def test_deepspeed_collectives_time_out_after_the_runs_collective_timeout(ray_cl
     assert 9 < result["seconds"] < 25, result
 
 
+# "split": the large-catalog layout, the target's table split by rows and the codebook searched where it lives.
 @pytest.mark.parametrize("target_table", ["whole", "split"])
 def test_train_command_runs_on_two_workers_and_writes_results(ray_cluster, synthetic_store, tmp_path, capsys,
                                                               target_table):
     from metarec_dist.cli import main
     split = {"model.loss": "sampled", "model.sampled_negatives": 50} if target_table == "split" else {}
     config = write_config(tmp_path, synthetic_store, **{"train.tensorboard": True}, **split,
-                          runner={"workers": 2, "shard_target_rows_from": 1 if split else None})
+                          runner={"workers": 2, "shard_target_rows_from": 1 if split else None,
+                                  "shard_codebook_from": 2 if split else None})
     assert main(["train", str(config)]) == 0
     results_path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results: ")
     results = json.loads(open(results_path).read())
@@ -284,6 +310,9 @@ def test_train_command_runs_on_two_workers_and_writes_results(ray_cluster, synth
     assert blocks == ([[0, rows // 2], [rows // 2, rows]] if split else [None, None])
     # The codebook plan: worker r owns codebooks r, r + 2, ... (the config's 2 codebooks: one each).
     assert [w["codebooks_owned"] for w in per_worker] == [[0], [1]]
+    # Searched where it lives, no codeword is held outside its owner's shard between steps.
+    codebook_values = 2 * 8 * 8  # 2 codebooks x 8 codewords x width 8
+    assert [w["codewords_held"] for w in per_worker] == ([0, 0] if split else [codebook_values] * 2)
     # Where each worker's meta-step time went: parts of the whole, the DeepSpeed engine timed.
     for times in (w["main_step_ms"] for w in per_worker):
         assert 0 < times["in_collectives"] < times["total"] and 0 < times["in_encoder_engine"] < times["total"]
@@ -409,11 +438,12 @@ def test_a_stalled_collective_is_reported_before_a_worker_ray_lost():
 def test_a_stopped_run_resumes_on_another_number_of_workers(ray_cluster, synthetic_store, tmp_path, capsys):
     from metarec_dist.cli import main
 
-    # The target's table split by rows over the two workers; whole in the one that resumes.
+    # The target's table split by rows over the two workers, the codebook searched where it lives;
+    # both whole in the one that resumes.
     config = write_config(tmp_path, synthetic_store, train=LONG_RUN, **{"model.loss": "sampled",
                                                                         "model.sampled_negatives": 50},
                           runner={"workers": 2, "checkpoint_every": 30, "max_failures": 0, "zero_stage": 2,
-                                  "shard_target_rows_from": 1})
+                                  "shard_target_rows_from": 1, "shard_codebook_from": 2})
     watcher, killed = kill_one_worker_after_a_checkpoint(tmp_path / "runs")
     assert main(["train", str(config)]) == 2  # no retries allowed: the run stops
     watcher.join(timeout=1)
@@ -426,6 +456,8 @@ def test_a_stopped_run_resumes_on_another_number_of_workers(ray_cluster, synthet
     moments = torch.load(checkpoint.parent / "shared_optimizer.pt", weights_only=True)
     rows = synthetic_store.open("syn-target").num_items + 1
     assert saved[table].shape == moments[f"{table}/exp_avg"].shape == (rows, 8)  # whole, from both blocks
+    codebook = "quantizer.codebooks"
+    assert saved[codebook].shape == moments[f"{codebook}/exp_avg"].shape == (2, 8, 8)  # from both owners
     capsys.readouterr()
 
     assert main(["train", "--resume", str(run_dir), "--set", "runner.workers=1"]) == 0

@@ -45,7 +45,7 @@ def write_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimiz
     rank, world_size = trainer.collective.rank, trainer.collective.world_size
     shared_moments, own_moments = optimizer.consolidated_state()  # gathers partitions: everyone calls
     codebook_usage = _codebook_usage(trainer)  # summed over workers: everyone calls
-    with optimizer.target_rows.whole():  # a table split by rows is saved whole
+    with trainer.whole_model():  # a table split by rows, a codebook searched where it lives: saved whole
         state = {name: value.clone() for name, value in trainer.model.state_dict().items()}
     trainer_state = trainer.state_dict()
     written: list[str] = []
@@ -137,7 +137,7 @@ def read_checkpoint(directory: Path, trainer: Trainer, optimizer: WorkerOptimize
         values = load(f"sources/{source}.pt")
         parameters.update({k: v for k, v in values.items() if "/" not in k})
         moments.update({k: v for k, v in values.items() if "/" in k})
-    with optimizer.target_rows.whole(keep_changes=True):  # then each worker keeps its block
+    with trainer.whole_model(keep_changes=True):  # then each worker keeps its block, its codebooks
         missing = trainer.model.load_state_dict(parameters, strict=False).missing_keys
     if missing:
         raise TrainingError(f"{directory}: checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")

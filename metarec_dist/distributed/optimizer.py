@@ -15,11 +15,14 @@ update, a sum over all tasks of all workers, applied by four owners:
   workers gives the sum. Clipping is off so the step is exact.
 - **the VQ codebook**, sharded by codebook: worker r owns codebooks
   ``r, r + N, r + 2N, ...`` and holds the Adam state (and the master copy) of
-  those alone. After the summed gradient is known, each owner steps its
-  codebooks and broadcasts them, so at every step boundary each worker has a
-  read-only replica for its forward passes. The replica is small (codebooks x
-  codewords x code width) next to the item tables, and keeping it makes
-  quantization local: no collective ever runs inside ``forward``.
+  those alone. Below ``runner.shard_codebook_from`` codewords per codebook,
+  each worker also keeps a read-only replica for its forward passes: after the
+  summed gradient is known, each owner steps its codebooks and broadcasts them.
+  Such a replica is small next to the item tables and next to a step's items,
+  and keeping it makes quantization local. From that size on the codebook is
+  searched where it lives (``codebook_shards.ShardedCodebook``): a worker holds
+  only its codebooks between steps and the codewords its step chose during one.
+  Either way no collective runs inside ``forward``.
 - **the target's parameters and learned inner rates**: every worker needs
   them; they are all-reduced and stepped identically everywhere, except a
   large target item table (``runner.shard_target_rows_from``), which is split
@@ -48,13 +51,15 @@ from typing import Any
 
 import torch
 
+from metarec_dist.distributed.codebook_shards import ShardedCodebook, codebook_owner
 from metarec_dist.distributed.deepspeed_ops import load_deepspeed_ops
 from metarec_dist.distributed.deepspeed_private import give_deepspeed_a_world_group, link_zero_optimizer_state
 from metarec_dist.distributed.row_shards import ShardedItemTable
 from metarec_dist.errors import ConfigError
-from metarec_dist.meta.config import ExperimentConfig, target_table_is_split
+from metarec_dist.meta.config import ExperimentConfig, codebook_is_sharded, target_table_is_split
 from metarec_dist.meta.row_sparse_adam import RowSparseAdam, adam_state
 from metarec_dist.meta.step import WHOLE_TARGET_TABLE, Collective, TargetRows
+from metarec_dist.meta.step_codes import LIVE_CODES, LocalStepCodes, StepCodebook
 from metarec_dist.model.recommender import SequenceRecommender, module_key
 
 log = logging.getLogger(__name__)
@@ -114,11 +119,6 @@ def _summed_dense(parameters: list[torch.Tensor], collective: Collective) -> lis
     return [g if has else None for g, has in zip(gradients, present)]
 
 
-def codebook_owner(codebook: int, world_size: int) -> int:
-    """Codebook m lives on worker m mod N (round-robin: every worker owns about M/N of them)."""
-    return codebook % world_size
-
-
 class WorkerOptimizer:
     """``step()`` / ``zero_grad()`` like a torch optimizer; see the module docstring."""
 
@@ -159,7 +159,18 @@ class WorkerOptimizer:
         self.owned_codebooks: list[int] = []
         self.codebook_shard: torch.nn.Parameter | None = None
         self.codebook_adam = None
-        if self.codebooks is not None:
+        self.sharded_codebook: ShardedCodebook | None = None  # searched where it lives
+        # Where a step's codes come from (the trainer loads them before each step's forwards).
+        self.step_codebook: StepCodebook = LIVE_CODES
+        if self.codebooks is not None and codebook_is_sharded(config, collective.world_size):
+            self.sharded_codebook = ShardedCodebook(model.quantizer, collective, train.learning_rate,
+                                                    train.weight_decay)
+            self.step_codebook = self.sharded_codebook
+            self.owned_codebooks = self.sharded_codebook.owned
+            self.codebook_shard, self.codebook_adam = self.sharded_codebook.own, self.sharded_codebook.adam
+        elif self.codebooks is not None:
+            if config.model.vq.codes == "per_step":
+                self.step_codebook = LocalStepCodes(model)
             books = self.codebooks.shape[0]
             self.owned_codebooks = [m for m in range(books)
                                     if codebook_owner(m, collective.world_size) == collective.rank]
@@ -192,13 +203,16 @@ class WorkerOptimizer:
         # Every gradient this class sums goes in one all-reduce (the replicated tensors', the
         # codebook's, the encoder's at ZeRO stage 0): each collective costs a round trip in which
         # both workers wait.
-        codebook = [self.codebooks] if self.codebooks is not None else []
+        replica = self.codebooks is not None and self.sharded_codebook is None
+        codebook = [self.codebooks] if replica else []
         encoder = self.encoder_parameters if self.encoder_summed_here else []
         summed = summed_gradients(self.replicated + encoder + codebook, self.collective)
         replicated, rest = summed[: len(self.replicated)], summed[len(self.replicated) :]
         self._step_replicated(replicated)
-        if self.codebooks is not None:
+        if replica:
             self._step_codebook(rest[-1])
+        elif self.sharded_codebook is not None:
+            self.sharded_codebook.step()
         if self.local_adam is not None:
             self.local_adam.step()
         for p, g in zip(encoder, rest):  # stage 0: the engine applies these sums as they are
@@ -281,7 +295,8 @@ class WorkerOptimizer:
             if optimizer is not None:
                 _load_adam_entries(optimizer, names, state)
         if self.codebook_adam is not None and "quantizer.codebooks/step" in state:
-            self.codebook_shard.copy_(self.codebooks[self.owned_codebooks])
+            if self.sharded_codebook is None:  # a sharded one took its values in whole(keep_changes=True)
+                self.codebook_shard.copy_(self.codebooks[self.owned_codebooks])
             self.codebook_adam.state[self.codebook_shard] = adam_state(
                 state["quantizer.codebooks/step"],
                 state["quantizer.codebooks/exp_avg"][self.owned_codebooks],
@@ -315,8 +330,9 @@ class WorkerOptimizer:
         if all(step is None for step in steps):
             return {}
         entries = {"quantizer.codebooks/step": torch.tensor(max(s for s in steps if s is not None))}
+        shape = self.sharded_codebook.shape if self.sharded_codebook is not None else self.codebooks.shape
         for key in ("exp_avg", "exp_avg_sq"):
-            full = torch.zeros_like(self.codebooks)
+            full = self.codebooks.new_zeros(shape)
             if state:
                 full[self.owned_codebooks] = state[key]
             self.collective.all_reduce_sum_([full])  # each codebook has exactly one owner

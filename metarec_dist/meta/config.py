@@ -70,6 +70,13 @@ class RunnerConfig(StrictModel):
         "its block and its optimizer state; a step gathers the rows it reads) when it has at least this many "
         "items and trains row-sparse (model.item_gradients); null: a replica in every worker"
     )
+    shard_codebook_from: int | None = Field(
+        16_384, ge=2, description="search the VQ codebook where it lives when its codebooks have at least this "
+        "many codewords each, over more than one worker: each worker holds its codebooks' codewords and Adam "
+        "state only, a step sends its items' sub-vectors to the owners and holds the codewords chosen (codes "
+        "are then fixed per step, vq.codes per_step); below it, or null, every worker keeps a replica (cheaper "
+        "while a step's items outnumber the codewords: docs/BENCHMARKS.md)"
+    )
     zero_stage: Literal[0, 1, 2] | None = Field(
         0, description="DeepSpeed ZeRO stage of the shared encoder's engine (None: plain replicated Adam); 0 "
         "sums the encoder's gradients in the step's one all-reduce, 1-2 partition its optimizer state at the "
@@ -86,6 +93,12 @@ def target_table_is_split(runner: RunnerConfig, num_items: int, row_sparse: bool
     a row-sparse table only, from that many items on, over more than one worker."""
     threshold = runner.shard_target_rows_from
     return row_sparse and workers > 1 and threshold is not None and num_items >= threshold
+
+
+def codebook_is_sharded(config: ExperimentConfig, workers: int) -> bool:
+    """Whether the codebook is searched where it lives (``runner.shard_codebook_from``) over ``workers``."""
+    threshold, model = config.runner.shard_codebook_from, config.effective_model
+    return model.use_vq and workers > 1 and threshold is not None and model.vq.codewords >= threshold
 
 
 class SearchDimension(StrictModel):
@@ -156,6 +169,7 @@ class ExperimentConfig(StrictModel):
             raise ValueError("train.pretrain_steps: joint pre-trains on the sources for this many steps before "
                              "fine-tuning on the target; with 0 it would train on the target alone (set it > 0, "
                              "or use method target_only)")
+        self._check_step_codes()
         metric, _, k = self.train.selection_metric.partition("@")
         if metric not in ("HR", "NDCG", "MRR") or (k and int(k) not in self.eval.ks if k.isdigit() else bool(k)):
             raise ValueError(
@@ -163,6 +177,22 @@ class ExperimentConfig(StrictModel):
                 f"with K in eval.ks {list(self.eval.ks)}"
             )
         return self
+
+    def _check_step_codes(self) -> None:
+        """Codes found before a step (``vq.codes: per_step``, or a sharded codebook) quantize product
+        sub-spaces of the items a batch reads; a sharded codebook's tasks hold different codewords."""
+        sharded = codebook_is_sharded(self, self.runner.workers)
+        if not sharded and not (self.effective_model.use_vq and self.model.vq.codes == "per_step"):
+            return
+        why = ("the codebook is searched where it lives (runner.shard_codebook_from; null keeps a replica)"
+               if sharded else "model.vq.codes is per_step")
+        if self.model.vq.kind != "product":
+            raise ValueError(f"model.vq.kind: {why}, which needs kind product")
+        if self.model.score_with != "continuous":
+            raise ValueError(f"model.score_with: {why}, which needs score_with continuous")
+        if sharded and (self.meta.center or self.meta.direction != "task_query"):
+            raise ValueError(f"meta.center / meta.direction: {why}, where each worker holds other codewords; "
+                             "use center false and direction task_query")
 
     @property
     def effective_model(self) -> ModelConfig:

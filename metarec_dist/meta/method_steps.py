@@ -19,6 +19,7 @@ from metarec_dist.errors import TrainingError
 from metarec_dist.meta.records import SourceWeights
 from metarec_dist.meta.sampling import BatchSampler
 from metarec_dist.meta.step import Collective, MetaConfig, RunningDirection, TargetRows, TaskBatch, meta_step
+from metarec_dist.meta.step_codes import LIVE_CODES, StepCodebook, quantized_reads
 from metarec_dist.model.recommender import SequenceRecommender
 
 
@@ -36,10 +37,11 @@ class MethodSteps:
         inner_lrs: list[torch.Tensor],
         weights: SourceWeights,
         target_rows: TargetRows,
+        step_codebook: StepCodebook,
     ):
         self.model, self.optimizer, self.sampler, self.collective = model, optimizer, sampler, collective
         self.target_domain, self.meta_config, self.inner_lrs, self.weights = target, meta_config, inner_lrs, weights
-        self.target_rows = target_rows
+        self.target_rows, self.step_codebook = target_rows, step_codebook
         self.direction = RunningDirection(meta_config.direction_decay)  # read with meta.direction running_mean
 
     def for_method(self, method: str) -> Callable[[int], float]:
@@ -48,10 +50,10 @@ class MethodSteps:
 
     def joint(self, step: int) -> float:
         """One batch from each sampled source, summed (pre-training / warm-up)."""
-        losses = {}
-        for source in self.sampler.sources(self.meta_config.tasks_per_step):
-            batch = self.sampler.source_batch(source)
-            losses[source] = self.model(source, *self.model.tensors(batch)).loss
+        batches = {source: self.model.tensors(self.sampler.source_batch(source))
+                   for source in self.sampler.sources(self.meta_config.tasks_per_step)}
+        self._load_codes([(source, inputs) for source, (inputs, _) in batches.items()])
+        losses = {source: self.model(source, *tensors).loss for source, tensors in batches.items()}
         return self._gradient_step(losses, step, average=False)
 
     def target(self, step: int) -> float:
@@ -59,6 +61,7 @@ class MethodSteps:
         inputs, targets = self.model.tensors(batch)
         negatives = self.model.draw_negatives(self.target_domain)
         self._load_target_rows([(inputs, targets, negatives)])
+        self._load_codes([(self.target_domain, inputs)])
         loss = self.model(self.target_domain, inputs, targets, negatives).loss
         return self._gradient_step({self.target_domain: loss}, step, average=True)
 
@@ -67,8 +70,11 @@ class MethodSteps:
                            self.model.draw_negatives(self.target_domain))
                  for source in self.sampler.sources(self.meta_config.tasks_per_step)]
         self._load_target_rows([(*self.model.tensors(task.query), task.query_negatives) for task in tasks])
+        self._load_codes([(domain, self.model.tensors(batch)[0]) for task in tasks
+                          for domain, batch in ((task.source, task.support), (self.target_domain, task.query))])
         result = meta_step(self.model, self.optimizer, self.target_domain, tasks, self.meta_config, self.inner_lrs,
                            self.collective, self.direction)
+        self._forget_codes()
         if not math.isfinite(result.query_loss):
             raise TrainingError(
                 f"step {step}: query loss on target '{self.target_domain}' is {result.query_loss} "
@@ -84,6 +90,17 @@ class MethodSteps:
         if all(rows is not None for rows in ids):  # the full softmax reads every row: never split
             self.target_rows.load(torch.unique(torch.cat(ids)))
 
+    def _load_codes(self, batches: list[tuple[str, torch.Tensor]]) -> None:
+        """Before a step with codes fixed per step (``vq.codes``): the codes of the items the step's
+        (domain, inputs) batches quantize, where the codebook lives."""
+        if self.step_codebook is not LIVE_CODES:
+            self.step_codebook.load(self.model, quantized_reads(self.model, batches))
+
+    def _forget_codes(self) -> None:
+        """After a step: its codes describe the codebook it started from, not the updated one."""
+        if self.model.quantizer is not None:
+            self.model.quantizer.step_codes = None
+
     def _gradient_step(self, losses: dict[str, torch.Tensor], step: int, average: bool) -> float:
         """Gradients of the summed losses; the optimizer sums them over workers (source tasks),
         or averages them when ``average`` (target batches: plain data parallelism)."""
@@ -98,6 +115,7 @@ class MethodSteps:
             p.grad = None if gradient is None else gradient * scale
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._forget_codes()
         return total.item()
 
 

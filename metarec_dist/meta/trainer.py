@@ -26,9 +26,10 @@ its decision is broadcast so all workers leave the loop together.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -56,6 +57,7 @@ from metarec_dist.meta.step import (
     initial_inner_lrs,
     reduced_names,
 )
+from metarec_dist.meta.step_codes import LIVE_CODES, LocalStepCodes, StepCodebook
 from metarec_dist.meta.training_data import TrainingData
 from metarec_dist.model.recommender import SequenceRecommender
 
@@ -106,6 +108,10 @@ class Trainer:
         self.optimizer = (make_optimizer or local_adam)(self.model, self.inner_lrs, config)
         # Where the target's table lives: whole here, or split by rows over workers (the optimizer's).
         self.target_rows: TargetRows = getattr(self.optimizer, "target_rows", WHOLE_TARGET_TABLE)
+        # Where a step's codes come from: the optimizer's where it shards the codebook, else this process's.
+        self.step_codebook: StepCodebook = getattr(self.optimizer, "step_codebook", None) or (
+            LocalStepCodes(self.model) if self.model.quantizer is not None and config.model.vq.codes == "per_step"
+            else LIVE_CODES)
         self.training_rows = data.split.training_users
         if len(self.training_rows) == 0:
             raise ConfigError("data.limited_target_fraction: no target user keeps training data; raise it")
@@ -113,7 +119,8 @@ class Trainer:
                                     np.random.default_rng(train.seed + collective.rank))  # batches differ per worker
         self.weights = SourceWeights()
         self.steps = MethodSteps(self.model, self.optimizer, self.sampler, collective, data.target,
-                                 self.meta_config, self.inner_lrs, self.weights, self.target_rows)
+                                 self.meta_config, self.inner_lrs, self.weights, self.target_rows,
+                                 self.step_codebook)
         self.loop = LoopState()
         self.step_time = StepTime()
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -213,14 +220,13 @@ class Trainer:
             loop.pending_losses.append(self._timed(main_step, step))
             loop.step = step
             if step % train.eval_every == 0 or step == train.steps:
-                with self.target_rows.whole():
+                with self.whole_model():
                     entry = self._validate(step, started, leader)
                 bar.set_postfix(loss=f"{entry['train_loss']:.3f}",
                                 valid=f"{entry['valid'][train.selection_metric]:.4f}")
                 if on_validation is not None:
                     on_validation(entry)
-            else:
-                self._maybe_reinit_codes(step)
+            self._maybe_reinit_codes(step)
             loop.seconds = time.perf_counter() - started
             if after_step is not None:
                 after_step(step)
@@ -228,7 +234,7 @@ class Trainer:
                 break
 
         per_worker = self.collective.all_gather_object(self._what_this_process_holds())
-        with self.target_rows.whole():
+        with self.whole_model():
             self.model.load_state_dict(self.best_state, strict=False)
             tested = self.evaluate("test") if test else None  # every process ranks its slice of the users
         if not leader:
@@ -323,7 +329,6 @@ class Trainer:
         if improved:
             self.best_state = self._target_model_state()
         loop.pending_losses.clear()
-        self._maybe_reinit_codes(step)
         return entry
 
     def _what_this_process_holds(self) -> dict[str, Any]:
@@ -340,6 +345,8 @@ class Trainer:
             "target_table_block": self.target_rows.block(),  # rows owned where the table is split
             # Codebooks whose Adam state and update live here (None: one process holds them all).
             "codebooks_owned": getattr(self.optimizer, "owned_codebooks", None),
+            # Codebook values in the model between steps (0 where the codebook is searched where it lives).
+            "codewords_held": self.model.quantizer.codebooks.numel() if self.model.quantizer is not None else 0,
             "peak_rss_mb": peak_resident_mb(),
             "main_step_ms": self.step_time.per_step_ms(),
         }
@@ -351,10 +358,18 @@ class Trainer:
 
     # --- the codebook at step boundaries ----------------------------------------------
 
+    @contextlib.contextmanager
+    def whole_model(self, keep_changes: bool = False) -> Iterator[None]:
+        """Every parameter whole for a block of code (a target table split by rows, a codebook searched
+        where it lives, assembled); ``keep_changes``: the values at the end are kept. A collective."""
+        with self.target_rows.whole(keep_changes), self.step_codebook.whole(keep_changes):
+            yield
+
     def _maybe_reinit_codes(self, step: int) -> None:
         every = self.config.train.codebook_reinit_every
         if self.model.quantizer is not None and every and step % every == 0:
-            reinit_dead_codes_everywhere(self.model.quantizer, self.collective)
+            with self.step_codebook.whole(keep_changes=True):
+                reinit_dead_codes_everywhere(self.model.quantizer, self.collective)
 
     def _codebook_health(self) -> dict[str, Any]:
         if self.model.quantizer is None:

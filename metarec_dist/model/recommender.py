@@ -263,10 +263,31 @@ class SequenceRecommender(nn.Module):
         z = self.domains[module_key(domain)](ids)  # [R, D]
         if self.quantizer is None:
             return ItemTables(ids=ids, inputs=z, outputs=z, vq_loss=z.new_zeros(()))
-        quantized = self.quantizer(z[1:])  # padding is not quantized
+        codes = None
+        if self.quantizer.step_codes is not None:  # vq.codes per_step: found before the step
+            items = self.domains[module_key(domain)]
+            codes = self.quantizer.step_codes.of(domain, ids[1:] if ids is not None
+                                                 else torch.arange(1, items.num_items + 1, device=z.device))
+        quantized = self.quantizer(z[1:], codes)  # padding is not quantized
         inputs = torch.cat([z.new_zeros(1, z.shape[1]), quantized.vectors])
         outputs = inputs if self.config.score_with == "quantized" else z
         return ItemTables(ids=ids, inputs=inputs, outputs=outputs, vq_loss=quantized.loss)
+
+    def quantized_ids(self, domain: str, inputs: torch.Tensor) -> torch.Tensor:
+        """The item ids (sorted, no padding) ``forward`` quantizes for a batch of ``inputs`` (scores are
+        taken against the continuous vectors, as codes found before a step require)."""
+        if self.config.score_with != "continuous":
+            raise ValueError("codes found before a step need model.score_with continuous")
+        return _used_ids(inputs)[1:]
+
+    @torch.no_grad()
+    def quantizer_inputs(self, domain: str, ids: torch.Tensor) -> torch.Tensor:
+        """What the codebooks quantize for items ``ids``: ``[n, M, d]`` fp32 sub-vectors, computed as a
+        forward computes them (same precision), without gradient."""
+        with self._autocast():
+            z = self.domains[module_key(domain)](ids)
+        flat = self.quantizer.flat_input(z)
+        return flat.reshape(len(ids), self.config.vq.num_codebooks, -1).float()
 
     def hidden(self, inputs: torch.Tensor, tables: ItemTables) -> torch.Tensor:
         """Encoder states [B, L, D] for left-padded item ids [B, L]."""

@@ -51,6 +51,31 @@ class VQConfig(StrictModel):
     dead_code_threshold: float = Field(
         0.0, ge=0, description="a codeword used at most this often since the last check is dead"
     )
+    codes: Literal["live", "per_step"] = Field(
+        "live", description="live: every forward finds its items' nearest codewords; per_step: a training "
+        "step finds them once, before its forwards, against the codebook it starts from (the inner loop's "
+        "adapted codewords then move the quantized vectors, not the codes). A codebook searched where it "
+        "lives (runner.shard_codebook_from) is always per_step"
+    )
+
+
+@dataclass
+class StepCodes:
+    """Codes found before a step (``vq.codes: per_step``): per domain, the sorted item ids and their
+    codes ``[n, M]``, which index the codewords the quantizer holds for the step."""
+
+    by_domain: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def of(self, domain: str, ids: torch.Tensor) -> torch.Tensor:
+        """The codes of items ``ids`` of ``domain`` (each must have been found for the step)."""
+        if domain not in self.by_domain:
+            raise RuntimeError(f"no codes were found for domain '{domain}' this step: load its items first")
+        known, codes = self.by_domain[domain]
+        rows = torch.searchsorted(known, ids).clamp_max(len(known) - 1)
+        if not torch.equal(known[rows], ids):
+            missing = ids[known[rows] != ids][:5].tolist()
+            raise RuntimeError(f"items {missing} of '{domain}' have no codes this step: load them first")
+        return codes[rows]
 
 
 @dataclass
@@ -99,15 +124,20 @@ class VectorQuantizer(nn.Module):
         # Health statistics: buffers, not parameters (no gradients, not meta-learned).
         self.register_buffer("usage", torch.zeros(config.num_codebooks, config.codewords), persistent=False)
         self.recent: torch.Tensor | None = None  # recently quantized sub-vectors: dead-code replacements
+        # Set for a step with ``codes: per_step`` (``metarec_dist.meta.step_codes``); None: search in forward.
+        self.step_codes: StepCodes | None = None
 
-    def forward(self, z: torch.Tensor) -> Quantized:
-        """Quantize z [..., D]."""
+    def forward(self, z: torch.Tensor, codes: torch.Tensor | None = None) -> Quantized:
+        """Quantize z [..., D]; ``codes`` [n, M]: found before the step, not searched (nor counted) here."""
         lead = z.shape[:-1]
-        flat = self._flat_input(z)  # [n, D]
+        flat = self.flat_input(z)  # [n, D]
+        searched = codes is None
         if self.config.kind == "product":
             quantized_part = flat.reshape(-1, self.config.num_codebooks, self.code_width)  # [n, M, d]
-            with torch.no_grad():
-                codes = nearest_codewords(quantized_part.detach().float(), self.codebooks.detach().float())
+            if searched:
+                codes = self.search(quantized_part)
+        elif not searched:
+            raise ValueError("codes found before a step need vq.kind product")
         else:
             quantized_part, codes = self._residual_levels(flat.detach())  # [n, M, D], [n, M]
         book = torch.arange(self.config.num_codebooks, device=z.device).unsqueeze(0)  # [1, M]
@@ -115,15 +145,20 @@ class VectorQuantizer(nn.Module):
         quantized = chosen.reshape(-1, self.width) if self.config.kind == "product" else chosen.sum(dim=1)
         codebook_loss = (chosen - quantized_part.detach()).pow(2).mean()
         commitment_loss = (flat - quantized.detach()).pow(2).mean()
-        if self.training:
-            self._record(codes, quantized_part.detach())
+        if self.training and searched:
+            self.record(codes, quantized_part.detach())
         return Quantized(
             vectors=(flat + (quantized - flat).detach()).reshape(*lead, self.width),
             codes=codes.reshape(*lead, self.config.num_codebooks),
             loss=codebook_loss + self.config.commitment * commitment_loss,
         )
 
-    def _flat_input(self, z: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def search(self, sub_vectors: torch.Tensor) -> torch.Tensor:
+        """Nearest codeword of each sub-vector ``[n, M, d]`` in every codebook held: ``[n, M]``."""
+        return nearest_codewords(sub_vectors.detach().float(), self.codebooks.detach().float())
+
+    def flat_input(self, z: torch.Tensor) -> torch.Tensor:
         """What the codebooks quantize: z as [n, D], on the unit sphere if ``normalize``."""
         flat = z.reshape(-1, self.width)
         return torch.nn.functional.normalize(flat, dim=-1) if self.config.normalize else flat
@@ -135,7 +170,7 @@ class VectorQuantizer(nn.Module):
         Random codewords far from the data leave most of them unused from the
         first step on; seeding from the vectors starts every codeword where items are.
         """
-        flat = self._flat_input(vectors.detach().float())
+        flat = self.flat_input(vectors.detach().float())
         residual = flat
         for level in range(self.config.num_codebooks):
             if self.config.kind == "product":
@@ -167,7 +202,7 @@ class VectorQuantizer(nn.Module):
         return torch.stack(levels, dim=1).to(flat.dtype), torch.stack(codes, dim=1)
 
     @torch.no_grad()
-    def _record(self, codes: torch.Tensor, sub: torch.Tensor) -> None:
+    def record(self, codes: torch.Tensor, sub: torch.Tensor) -> None:
         counts = torch.zeros_like(self.usage)
         counts.scatter_add_(1, codes.t(), torch.ones_like(codes.t(), dtype=counts.dtype))
         self.usage += counts
