@@ -39,9 +39,7 @@ import torch
 from metarec_dist.meta.step import Collective
 from metarec_dist.meta.step_codes import Reads
 from metarec_dist.model.recommender import SequenceRecommender
-from metarec_dist.model.vq import StepCodes, VectorQuantizer, nearest_codewords
-
-RECENT_VECTORS = 4096  # sub-vectors kept for dead-code replacement, as a replicated quantizer keeps
+from metarec_dist.model.vq import RECENT_VECTORS, StepCodes, VectorQuantizer, nearest_codewords
 
 
 def codebook_owner(codebook: int, world_size: int) -> int:

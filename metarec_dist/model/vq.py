@@ -59,6 +59,9 @@ class VQConfig(StrictModel):
     )
 
 
+RECENT_VECTORS = 4096  # the last quantized sub-vectors kept as replacements for dead codewords
+
+
 @dataclass
 class StepCodes:
     """Codes found before a step (``vq.codes: per_step``): per domain, the sorted item ids and their
@@ -206,7 +209,7 @@ class VectorQuantizer(nn.Module):
         counts = torch.zeros_like(self.usage)
         counts.scatter_add_(1, codes.t(), torch.ones_like(codes.t(), dtype=counts.dtype))
         self.usage += counts
-        self.recent = sub[-4096:].float()  # what each codebook quantized: candidates for dead codes
+        self.recent = sub[-RECENT_VECTORS:].float()  # what each codebook quantized: candidates for dead codes
 
     @torch.no_grad()
     def health(self, usage: torch.Tensor | None = None) -> dict[str, float]:
