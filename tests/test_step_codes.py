@@ -1,9 +1,12 @@
 """Codes found once per step (``vq.codes: per_step``) and the codebook searched where it lives."""
 
+import json
+
 import pytest
 import torch
-from conftest import random_batch
+from conftest import random_batch, write_config
 
+from metarec_dist.cli import main
 from metarec_dist.distributed.codebook_shards import ShardedCodebook
 from metarec_dist.meta.config import ExperimentConfig, codebook_is_sharded
 from metarec_dist.meta.step import LOCAL
@@ -110,3 +113,19 @@ def test_codebooks_from_the_threshold_on_are_searched_where_they_live_over_sever
     with pytest.raises(ValueError, match="meta.center"):
         ExperimentConfig(data={"target": "t", "sources": ["s"]}, model={"vq": {"codewords": 256}},
                          meta={"center": True}, runner={"workers": 2, "shard_codebook_from": 256})
+
+
+@pytest.mark.parametrize("method", ["metarec", "joint"])
+def test_a_run_with_codes_found_per_step_trains_and_counts_the_codes_it_finds(synthetic_store, tmp_path, capsys,
+                                                                               method):
+    extra = {"train.pretrain_steps": 3} if method == "joint" else {}
+    config = write_config(tmp_path, synthetic_store, method=method, **extra,
+                          model={"width": 16, "item_width": 8, "vq": {"num_codebooks": 2, "codewords": 8,
+                                                                       "codes": "per_step"},
+                                 "encoder": {"layers": 1, "heads": 2, "max_length": 10, "dropout": 0.0}},
+                          **{"train.codebook_reinit_every": 2})
+    assert main(["train", str(config)]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert all(0 < entry["codebook"]["perplexity"] <= 8 for entry in results["history"])  # counted when found
+    assert 0 <= results["test"]["NDCG@10"] <= 1
