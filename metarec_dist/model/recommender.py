@@ -265,9 +265,9 @@ class SequenceRecommender(nn.Module):
             return ItemTables(ids=ids, inputs=z, outputs=z, vq_loss=z.new_zeros(()))
         codes = None
         if self.quantizer.step_codes is not None:  # vq.codes per_step: found before the step
-            items = self.domains[module_key(domain)]
-            codes = self.quantizer.step_codes.of(domain, ids[1:] if ids is not None
-                                                 else torch.arange(1, items.num_items + 1, device=z.device))
+            if ids is None:
+                raise RuntimeError("a step's codes cover the items it reads: quantize the catalog outside a step")
+            codes = self.quantizer.step_codes.of(domain, ids[1:])
         quantized = self.quantizer(z[1:], codes)  # padding is not quantized
         inputs = torch.cat([z.new_zeros(1, z.shape[1]), quantized.vectors])
         outputs = inputs if self.config.score_with == "quantized" else z

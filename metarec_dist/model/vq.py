@@ -20,7 +20,8 @@ codeword to what it quantized and a commitment loss (weight ``commitment``)
 pulling z to its quantized vector, as in VQ-VAE. Codebook health is tracked
 from assignment counts: perplexity and dead codes, which ``reinit_dead_codes``
 replaces with recently quantized vectors at step boundaries (never inside
-``forward``).
+``forward``). With ``codes: per_step`` a training step finds its items' codes
+once, before its forwards (``StepCodes``), and ``forward`` looks them up.
 """
 
 from __future__ import annotations
