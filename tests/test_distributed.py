@@ -13,7 +13,7 @@ from conftest import assert_tensorboard_matches_results, random_batch, write_con
 from metarec_dist.meta.config import ExperimentConfig
 from metarec_dist.meta.row_sparse_adam import RowSparseAdam
 from metarec_dist.meta.step import WHOLE_TARGET_TABLE, MetaConfig, RunningDirection, TaskBatch, meta_step
-from metarec_dist.meta.step_codes import LIVE_CODES, LocalStepCodes, quantized_reads
+from metarec_dist.meta.step_codes import step_codebook_for
 from metarec_dist.model.encoder import EncoderConfig
 from metarec_dist.model.recommender import ModelConfig, SequenceRecommender
 
@@ -89,9 +89,7 @@ def worker_with_own_sources(tables="dense", codes="live"):
 
 def step_codebook_of(model, optimizer):
     """Where a step's codes come from, as the trainer chooses: the optimizer's, else this process's."""
-    if getattr(optimizer, "step_codebook", None) is not None:
-        return optimizer.step_codebook
-    return LocalStepCodes(model) if model.config.vq.codes == "per_step" else LIVE_CODES
+    return getattr(optimizer, "step_codebook", None) or step_codebook_for(model)
 
 
 def run_meta_steps(model, tasks, collective, optimizer, meta, steps=3):
@@ -106,10 +104,8 @@ def run_meta_steps(model, tasks, collective, optimizer, meta, steps=3):
                                  t.query_negatives) for t in tasks]
         if all(rows is not None for rows in reads):
             target_rows.load(torch.unique(torch.cat(reads)))
-        if codebook is not LIVE_CODES:
-            batches = [(domain, torch.as_tensor(batch.inputs)) for t in tasks
-                       for domain, batch in ((t.source, t.support), ("t", t.query))]
-            codebook.load(model, quantized_reads(model, batches))
+        codebook.load(model, [(domain, torch.as_tensor(batch.inputs)) for t in tasks
+                              for domain, batch in ((t.source, t.support), ("t", t.query))])
         logs.append(meta_step(model, optimizer, "t", tasks, meta, collective=collective, direction=direction))
         model.quantizer.step_codes = None
     return logs

@@ -31,15 +31,16 @@ def loss_and_gradients(model, domain, batch):
     return loss, dict(zip(names, gradients))
 
 
-def reads(model, *batches):
-    return quantized_reads(model, [(domain, model.tensors(batch)[0]) for domain, batch in batches])
+def inputs_of(model, *batches):
+    """(domain, inputs) pairs, as a step hands them to ``load``."""
+    return [(domain, model.tensors(batch)[0]) for domain, batch in batches]
 
 
 def test_codes_found_before_a_step_give_the_loss_and_gradients_of_a_live_search():
     batch = random_batch(CATALOGS["t"], seed=1, rows=4)
     live = small_model()
     per_step = small_model(codes="per_step")
-    LocalStepCodes(per_step).load(per_step, reads(per_step, ("t", batch)))
+    LocalStepCodes(per_step).load(per_step, inputs_of(per_step, ("t", batch)))
 
     want_loss, want = loss_and_gradients(live, "t", batch)
     got_loss, got = loss_and_gradients(per_step, "t", batch)
@@ -50,14 +51,14 @@ def test_codes_found_before_a_step_give_the_loss_and_gradients_of_a_live_search(
         if gradient is not None:
             assert torch.equal(got[name], gradient), name
     # Counted once, when found: every quantized item, in every codebook.
-    items = len(reads(per_step, ("t", batch))["t"])
+    items = len(quantized_reads(per_step, inputs_of(per_step, ("t", batch)))["t"])
     assert per_step.quantizer.usage.sum(dim=1).tolist() == [items, items]
     assert live.quantizer.usage.sum(dim=1).tolist() == [items, items]
 
 
 def test_a_forward_refuses_items_whose_codes_were_not_found_for_the_step():
     model = small_model(codes="per_step")
-    LocalStepCodes(model).load(model, reads(model, ("t", random_batch(CATALOGS["t"], seed=1))))
+    LocalStepCodes(model).load(model, inputs_of(model, ("t", random_batch(CATALOGS["t"], seed=1))))
     with pytest.raises(RuntimeError, match="no codes were found for domain 's'"):
         model("s", *model.tensors(random_batch(CATALOGS["s"], seed=2)))
 
@@ -65,12 +66,12 @@ def test_a_forward_refuses_items_whose_codes_were_not_found_for_the_step():
 def test_a_sharded_codebook_holds_only_the_codewords_a_step_chose_and_updates_them_as_the_whole_one():
     support, query = random_batch(CATALOGS["s"], seed=3, rows=4), random_batch(CATALOGS["t"], seed=4, rows=4)
     whole = small_model(codes="per_step")
-    LocalStepCodes(whole).load(whole, reads(whole, ("s", support), ("t", query)))
+    LocalStepCodes(whole).load(whole, inputs_of(whole, ("s", support), ("t", query)))
     sharded = small_model(codes="per_step")
     codebook = ShardedCodebook(sharded.quantizer, LOCAL, learning_rate=0.01, weight_decay=0.0)
     assert sharded.quantizer.codebooks.shape[1] == 0  # between steps: nothing but the owned copy
 
-    codebook.load(sharded, reads(sharded, ("s", support), ("t", query)))
+    codebook.load(sharded, inputs_of(sharded, ("s", support), ("t", query)))
     full_codes = [whole.quantizer.step_codes.by_domain[d][1] for d in ("s", "t")]
     chosen = [torch.unique(torch.cat([codes[:, book] for codes in full_codes])) for book in range(2)]
     assert [len(ids) for ids in codebook.held] == [len(ids) for ids in chosen]

@@ -4,7 +4,7 @@ The plan is data, the same in every worker: codebook m lives on worker
 ``m mod W`` (``codebook_owner``). Per training step, every exchange explicit and
 at the step's boundaries (never inside ``forward``):
 
-1. ``load(model, reads)`` before it: each worker computes the sub-vectors of the
+1. ``load(model, batches)`` before it: each worker computes the sub-vectors of the
    items its step quantizes (``SequenceRecommender.quantizer_inputs``); they are
    gathered, each owner finds their nearest codewords in its codebooks and
    answers with the codes and the codewords chosen; each worker's quantizer then
@@ -37,7 +37,7 @@ from collections.abc import Iterator
 import torch
 
 from metarec_dist.meta.step import Collective
-from metarec_dist.meta.step_codes import Reads
+from metarec_dist.meta.step_codes import Batches, quantized_reads
 from metarec_dist.model.recommender import SequenceRecommender
 from metarec_dist.model.vq import RECENT_VECTORS, StepCodes, VectorQuantizer, nearest_codewords
 
@@ -45,6 +45,11 @@ from metarec_dist.model.vq import RECENT_VECTORS, StepCodes, VectorQuantizer, ne
 def codebook_owner(codebook: int, world_size: int) -> int:
     """Codebook m lives on worker m mod N (round-robin: every worker owns about M/N of them)."""
     return codebook % world_size
+
+
+def owned_codebooks(books: int, collective: Collective) -> list[int]:
+    """The codebooks this worker owns, in order."""
+    return [m for m in range(books) if codebook_owner(m, collective.world_size) == collective.rank]
 
 
 class ShardedCodebook:
@@ -56,7 +61,7 @@ class ShardedCodebook:
         codewords from here on."""
         self.quantizer, self.collective = quantizer, collective
         self.shape = tuple(quantizer.codebooks.shape)  # [M, K, d]
-        self.owned = [m for m in range(self.shape[0]) if codebook_owner(m, collective.world_size) == collective.rank]
+        self.owned = owned_codebooks(self.shape[0], collective)
         self.own = torch.nn.Parameter(quantizer.codebooks.detach()[self.owned].clone())
         self.adam = torch.optim.Adam([self.own], lr=learning_rate, weight_decay=weight_decay)
         self.held: list[torch.Tensor] = []  # per codebook, the ids of the codewords held (sorted)
@@ -65,9 +70,10 @@ class ShardedCodebook:
     # --- a step ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def load(self, model: SequenceRecommender, reads: Reads) -> None:
-        """Codes of the items ``reads`` names, found by the owners; hold the codewords chosen (a collective)."""
-        items = dict(sorted(reads.items()))
+    def load(self, model: SequenceRecommender, batches: Batches) -> None:
+        """Codes of the items ``batches`` quantize, found by the owners; hold the codewords chosen (a
+        collective)."""
+        items = dict(sorted(quantized_reads(model, batches).items()))
         device = self.own.device
         # Pickled on the CPU: a GPU tensor would unpickle onto the sender's device index.
         mine = torch.cat([model.quantizer_inputs(domain, ids) for domain, ids in items.items()]).cpu() \

@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from metarec_dist.distributed.codebook_shards import ShardedCodebook, codebook_owner
+from metarec_dist.distributed.codebook_shards import ShardedCodebook, owned_codebooks
 from metarec_dist.distributed.deepspeed_ops import load_deepspeed_ops
 from metarec_dist.distributed.deepspeed_private import give_deepspeed_a_world_group, link_zero_optimizer_state
 from metarec_dist.distributed.row_shards import ShardedItemTable
@@ -59,7 +59,7 @@ from metarec_dist.errors import ConfigError
 from metarec_dist.meta.config import ExperimentConfig, codebook_is_sharded, target_table_is_split
 from metarec_dist.meta.row_sparse_adam import RowSparseAdam, adam_state
 from metarec_dist.meta.step import WHOLE_TARGET_TABLE, Collective, TargetRows
-from metarec_dist.meta.step_codes import LIVE_CODES, LocalStepCodes, StepCodebook
+from metarec_dist.meta.step_codes import StepCodebook, step_codebook_for
 from metarec_dist.model.recommender import SequenceRecommender, module_key
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class WorkerOptimizer:
         self.codebook_adam = None
         self.sharded_codebook: ShardedCodebook | None = None  # searched where it lives
         # Where a step's codes come from (the trainer loads them before each step's forwards).
-        self.step_codebook: StepCodebook = LIVE_CODES
+        self.step_codebook: StepCodebook = step_codebook_for(model)
         if self.codebooks is not None and codebook_is_sharded(config, collective.world_size):
             self.sharded_codebook = ShardedCodebook(model.quantizer, collective, train.learning_rate,
                                                     train.weight_decay)
@@ -169,11 +169,7 @@ class WorkerOptimizer:
             self.owned_codebooks = self.sharded_codebook.owned
             self.codebook_shard, self.codebook_adam = self.sharded_codebook.own, self.sharded_codebook.adam
         elif self.codebooks is not None:
-            if config.model.vq.codes == "per_step":
-                self.step_codebook = LocalStepCodes(model)
-            books = self.codebooks.shape[0]
-            self.owned_codebooks = [m for m in range(books)
-                                    if codebook_owner(m, collective.world_size) == collective.rank]
+            self.owned_codebooks = owned_codebooks(self.codebooks.shape[0], collective)
             if self.owned_codebooks:
                 self.codebook_shard = torch.nn.Parameter(self.codebooks.detach()[self.owned_codebooks].clone())
                 self.codebook_adam = torch.optim.Adam([self.codebook_shard], **adam)

@@ -19,7 +19,7 @@ from metarec_dist.errors import TrainingError
 from metarec_dist.meta.records import SourceWeights
 from metarec_dist.meta.sampling import BatchSampler
 from metarec_dist.meta.step import Collective, MetaConfig, RunningDirection, TargetRows, TaskBatch, meta_step
-from metarec_dist.meta.step_codes import LIVE_CODES, StepCodebook, quantized_reads
+from metarec_dist.meta.step_codes import Batches, StepCodebook
 from metarec_dist.model.recommender import SequenceRecommender
 
 
@@ -90,11 +90,10 @@ class MethodSteps:
         if all(rows is not None for rows in ids):  # the full softmax reads every row: never split
             self.target_rows.load(torch.unique(torch.cat(ids)))
 
-    def _load_codes(self, batches: list[tuple[str, torch.Tensor]]) -> None:
+    def _load_codes(self, batches: Batches) -> None:
         """Before a step with codes fixed per step (``vq.codes``): the codes of the items the step's
-        (domain, inputs) batches quantize, where the codebook lives."""
-        if self.step_codebook is not LIVE_CODES:
-            self.step_codebook.load(self.model, quantized_reads(self.model, batches))
+        (domain, inputs) batches quantize, where the codebook lives (nothing with live codes)."""
+        self.step_codebook.load(self.model, batches)
 
     def _forget_codes(self) -> None:
         """After a step: its codes describe the codebook it started from, not the updated one."""

@@ -10,9 +10,10 @@
   codes, found by the workers that own each codebook; a worker holds only the
   codewords its step chose.
 
-A step passes ``load`` the item ids it quantizes per domain (``quantized_reads``);
-``whole()`` gives a block of code (validation, checkpoints, dead-code upkeep) the
-whole codebook, searched live.
+A step passes ``load`` the (domain, inputs) batches its forwards read
+(``quantized_reads`` turns them into the items quantized per domain);
+``whole()`` gives a block of code (validation, checkpoints, dead-code upkeep)
+the whole codebook, searched live.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from metarec_dist.model.vq import StepCodes
 
 # The items (sorted ids) a step quantizes, per domain.
 Reads = dict[str, torch.Tensor]
+# What a step's forwards read: (domain, inputs) pairs.
+Batches = list[tuple[str, torch.Tensor]]
 
 
 class StepCodebook(Protocol):
-    def load(self, model: SequenceRecommender, reads: Reads) -> None:
-        """Before a step: codes of the items ``reads`` names, for its forwards (a collective where sharded)."""
+    def load(self, model: SequenceRecommender, batches: Batches) -> None:
+        """Before a step: codes of the items ``batches`` quantize, for its forwards (a collective where
+        sharded)."""
 
     def whole(self, keep_changes: bool = False) -> contextlib.AbstractContextManager[None]:
         """The whole codebook, searched live, for a block of code; ``keep_changes``: its values at the end
@@ -42,7 +46,7 @@ class StepCodebook(Protocol):
 class LiveCodes:
     """``vq.codes: live``: forwards search; nothing to load."""
 
-    def load(self, model: SequenceRecommender, reads: Reads) -> None:
+    def load(self, model: SequenceRecommender, batches: Batches) -> None:
         return None
 
     def whole(self, keep_changes: bool = False) -> contextlib.AbstractContextManager[None]:
@@ -59,9 +63,9 @@ class LocalStepCodes:
         self.quantizer = model.quantizer
 
     @torch.no_grad()
-    def load(self, model: SequenceRecommender, reads: Reads) -> None:
+    def load(self, model: SequenceRecommender, batches: Batches) -> None:
         by_domain = {}
-        for domain, ids in sorted(reads.items()):
+        for domain, ids in sorted(quantized_reads(model, batches).items()):
             sub_vectors = model.quantizer_inputs(domain, ids)
             codes = self.quantizer.search(sub_vectors)
             self.quantizer.record(codes, sub_vectors)
@@ -74,7 +78,14 @@ class LocalStepCodes:
         yield
 
 
-def quantized_reads(model: SequenceRecommender, batches: list[tuple[str, torch.Tensor]]) -> Reads:
+def step_codebook_for(model: SequenceRecommender) -> StepCodebook:
+    """Where a step's codes come from when the whole codebook is in this process (``vq.codes``)."""
+    if model.quantizer is not None and model.config.vq.codes == "per_step":
+        return LocalStepCodes(model)
+    return LIVE_CODES
+
+
+def quantized_reads(model: SequenceRecommender, batches: Batches) -> Reads:
     """The items a step's forwards quantize, per domain: ``batches`` are (domain, inputs) pairs."""
     reads: Reads = {}
     for domain, inputs in batches:

@@ -57,7 +57,7 @@ from metarec_dist.meta.step import (
     initial_inner_lrs,
     reduced_names,
 )
-from metarec_dist.meta.step_codes import LIVE_CODES, LocalStepCodes, StepCodebook
+from metarec_dist.meta.step_codes import StepCodebook, step_codebook_for
 from metarec_dist.meta.training_data import TrainingData
 from metarec_dist.model.recommender import SequenceRecommender
 
@@ -109,9 +109,8 @@ class Trainer:
         # Where the target's table lives: whole here, or split by rows over workers (the optimizer's).
         self.target_rows: TargetRows = getattr(self.optimizer, "target_rows", WHOLE_TARGET_TABLE)
         # Where a step's codes come from: the optimizer's where it shards the codebook, else this process's.
-        self.step_codebook: StepCodebook = getattr(self.optimizer, "step_codebook", None) or (
-            LocalStepCodes(self.model) if self.model.quantizer is not None and config.model.vq.codes == "per_step"
-            else LIVE_CODES)
+        self.step_codebook: StepCodebook = getattr(self.optimizer, "step_codebook", None) or step_codebook_for(
+            self.model)
         self.training_rows = data.split.training_users
         if len(self.training_rows) == 0:
             raise ConfigError("data.limited_target_fraction: no target user keeps training data; raise it")
